@@ -4,6 +4,7 @@
 pub mod event;
 pub mod ids;
 pub mod limits;
+pub mod manifest;
 pub mod principal;
 pub mod status;
 

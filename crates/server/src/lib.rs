@@ -1,1 +1,3 @@
+//! berth server: HTTP API, auth, config.
 
+pub mod deploy;

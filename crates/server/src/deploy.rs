@@ -1,0 +1,1 @@
+//! Deploying agent versions.
