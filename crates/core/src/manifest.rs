@@ -491,9 +491,9 @@ mod tests {
 
     #[test]
     fn missing_required_fields_are_named() {
-        let e = Manifest::parse_toml("name = \"x\"\n").unwrap_err();
+        let e = Manifest::parse_toml("name = \"x\"\n").expect_err("must be refused");
         assert!(e.to_string().contains("entrypoint"), "{e}");
-        let e = Manifest::parse_toml("entrypoint = [\"a\"]\n").unwrap_err();
+        let e = Manifest::parse_toml("entrypoint = [\"a\"]\n").expect_err("must be refused");
         assert!(e.to_string().contains("name"), "{e}");
     }
 
@@ -505,7 +505,8 @@ mod tests {
             ("[lifecycle]\nidle = 5\n", "idle"),
             ("[headers]\nallowed = []\n", "allowed"),
         ] {
-            let e = Manifest::parse_toml(&format!("{SMALLEST}{extra}")).unwrap_err();
+            let e =
+                Manifest::parse_toml(&format!("{SMALLEST}{extra}")).expect_err("must be refused");
             assert!(
                 e.to_string().contains(&format!("unknown field `{field}`")),
                 "{e}"
@@ -515,18 +516,21 @@ mod tests {
 
     #[test]
     fn bad_names_and_types_are_parse_errors() {
-        let e = Manifest::parse_toml("name = \"Bad Name\"\nentrypoint = [\"a\"]\n").unwrap_err();
+        let e = Manifest::parse_toml("name = \"Bad Name\"\nentrypoint = [\"a\"]\n")
+            .expect_err("must be refused");
         assert!(e.to_string().contains("agent name"), "{e}");
-        let e = Manifest::parse_toml(&format!("{SMALLEST}isolation = \"docker\"\n")).unwrap_err();
+        let e = Manifest::parse_toml(&format!("{SMALLEST}isolation = \"docker\"\n"))
+            .expect_err("must be refused");
         assert!(e.to_string().contains("docker"), "{e}");
-        let e = Manifest::parse_toml(&format!("{SMALLEST}snapshot = \"yes\"\n")).unwrap_err();
+        let e = Manifest::parse_toml(&format!("{SMALLEST}snapshot = \"yes\"\n"))
+            .expect_err("must be refused");
         assert!(e.to_string().contains("snapshot"), "{e}");
     }
 
     #[test]
     fn only_http_is_served() {
         for p in ["mcp", "a2a"] {
-            let e = check(&format!("protocol = \"{p}\"\n")).unwrap_err();
+            let e = check(&format!("protocol = \"{p}\"\n")).expect_err("must be refused");
             assert!(matches!(e, ManifestError::UnsupportedProtocol { .. }));
             assert!(e.to_string().contains(p) && e.to_string().contains("http"));
         }
@@ -625,7 +629,7 @@ mod tests {
     #[test]
     fn resource_rules() {
         for v in ["0.0", "-1.0", "2.5", "nan", "inf"] {
-            let e = check(&format!("[resources]\nvcpus = {v}\n")).unwrap_err();
+            let e = check(&format!("[resources]\nvcpus = {v}\n")).expect_err("must be refused");
             assert!(matches!(e, ManifestError::VcpusOutOfRange { .. }), "{v}");
         }
         check("[resources]\nvcpus = 2.0\n").expect("max is inclusive");
@@ -645,21 +649,21 @@ mod tests {
             m.validate(&small),
             Err(ManifestError::VcpusOutOfRange { .. })
         ));
-        let e = check("[resources]\nmemory_mb = 9000\n").unwrap_err();
+        let e = check("[resources]\nmemory_mb = 9000\n").expect_err("must be refused");
         assert!(e.to_string().contains("9000") && e.to_string().contains("8192"));
     }
 
     #[test]
     fn env_rules() {
-        let e = check("[env]\n\"1X\" = \"a\"\n").unwrap_err();
+        let e = check("[env]\n\"1X\" = \"a\"\n").expect_err("must be refused");
         assert!(matches!(e, ManifestError::InvalidEnvName { .. }));
-        let e = check("[env]\n\"A-B\" = \"a\"\n").unwrap_err();
+        let e = check("[env]\n\"A-B\" = \"a\"\n").expect_err("must be refused");
         assert!(matches!(e, ManifestError::InvalidEnvName { .. }));
-        let e = check("[env]\n\"A=B\" = \"a\"\n").unwrap_err();
+        let e = check("[env]\n\"A=B\" = \"a\"\n").expect_err("must be refused");
         assert!(matches!(e, ManifestError::InvalidEnvName { .. }));
-        let e = check("[env]\n\"\" = \"a\"\n").unwrap_err();
+        let e = check("[env]\n\"\" = \"a\"\n").expect_err("must be refused");
         assert!(matches!(e, ManifestError::InvalidEnvName { .. }));
-        let e = check("[env]\nA = \"x\\u0000y\"\n").unwrap_err();
+        let e = check("[env]\nA = \"x\\u0000y\"\n").expect_err("must be refused");
         assert_eq!(e, ManifestError::EnvValueNul { name: "A".into() });
         let mut m = parse("");
         m.env
@@ -701,13 +705,14 @@ mod tests {
             "X-Amzn-Bedrock-AgentCore-Runtime-Session-Id",
             "WorkloadAccessToken",
         ] {
-            let e = check(&format!("[headers]\nallow = [\"{reserved}\"]\n")).unwrap_err();
+            let e = check(&format!("[headers]\nallow = [\"{reserved}\"]\n"))
+                .expect_err("must be refused");
             assert!(
                 matches!(e, ManifestError::ReservedHeader { .. }),
                 "{reserved}"
             );
         }
-        let e = check("[headers]\nallow = [\"authorization\"]\n").unwrap_err();
+        let e = check("[headers]\nallow = [\"authorization\"]\n").expect_err("must be refused");
         assert!(
             e.to_string().contains("headers.authorization = true"),
             "{e}"
