@@ -1,3 +1,64 @@
-//! berth server: HTTP API, auth, config.
+//! berth's server: the HTTP API (axum), authentication, configuration, and
+//! the wiring of the store, the session manager and the sandbox driver.
 
+pub mod auth;
+pub mod config;
 pub mod deploy;
+pub mod error;
+
+mod agents;
+mod dev;
+mod invoke;
+mod metrics;
+mod serve;
+mod sessions;
+
+pub use config::{Config, ConfigError};
+pub use serve::{run, ServerError};
+
+use axum::routing::{delete, get, post};
+use axum::Router;
+use std::sync::Arc;
+
+/// Everything a request handler can reach. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Arc<berth_log::SqliteLog>,
+    pub sessions: berth_session::SessionManager,
+    pub cfg: Arc<Config>,
+    pub deploy: Arc<deploy::DeployConfig>,
+    pub agents: Arc<agents::AgentCache>,
+    pub metrics: Arc<metrics::Metrics>,
+}
+
+/// The whole HTTP API.
+pub fn app(state: AppState) -> Router {
+    let archive_limit = state.deploy.max_archive_bytes as usize;
+    Router::new()
+        .route("/health", get(|| async { "ok" }))
+        .route("/metrics", get(metrics::render))
+        .route(
+            "/v1/agents",
+            get(agents::list).post(agents::deploy).layer(
+                axum::extract::DefaultBodyLimit::max(archive_limit),
+            ),
+        )
+        .route("/v1/agents/{agent}", get(agents::show).delete(agents::remove))
+        .route(
+            "/v1/agents/{agent}/versions/{version}",
+            delete(agents::remove_version),
+        )
+        .route("/v1/agents/{agent}/invocations", post(invoke::v1))
+        .route("/runtimes/{arn}/invocations", post(invoke::agentcore))
+        .route(
+            "/runtimes/{arn}/stopruntimesession",
+            post(sessions::agentcore_stop),
+        )
+        .route("/v1/sessions", get(sessions::list))
+        .route("/v1/sessions/{id}", get(sessions::show).delete(sessions::stop))
+        .route("/v1/sessions/{id}/events", get(sessions::events))
+        .route("/v1/sessions/{id}/events/stream", get(sessions::stream))
+        .route("/v1/usage", get(sessions::usage))
+        .fallback(|| async { error::ApiError::not_found("route") })
+        .with_state(state)
+}

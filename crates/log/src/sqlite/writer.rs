@@ -359,3 +359,109 @@ fn replicate(e: &rusqlite::Error) -> LogError {
         _ => LogError::Closed,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use berth_core::TerminationReason;
+    use std::time::Duration;
+
+    fn id(n: u8) -> SessionId {
+        SessionId::parse(&format!("{n}").repeat(40)).unwrap()
+    }
+
+    fn activate(n: u8) -> (Command, oneshot::Receiver<Result<Activation, LogError>>) {
+        let (reply, rx) = oneshot::channel();
+        let cmd = SessionCommand::Activate {
+            id: id(n),
+            agent: AgentName::parse("echo").unwrap(),
+            tenant: TenantId::parse("t").unwrap(),
+            user: UserId::parse("u").unwrap(),
+            reply,
+        };
+        (Command::Session(cmd), rx)
+    }
+
+    fn append(
+        n: u8,
+        epoch: u64,
+        detail: usize,
+    ) -> (Command, oneshot::Receiver<Result<u64, LogError>>) {
+        let (reply, rx) = oneshot::channel();
+        let event = SessionEvent::Terminated {
+            reason: TerminationReason::Exited,
+            detail: Some("x".repeat(detail)),
+        };
+        let cmd = SessionCommand::Append {
+            id: id(n),
+            epoch,
+            event,
+            reply,
+        };
+        (Command::Session(cmd), rx)
+    }
+
+    fn run(conn: &mut Connection, cmds: Vec<Command>) -> Option<rusqlite::Error> {
+        let (batch, failure) = execute(conn, cmds);
+        let (notify, _) = broadcast::channel(16);
+        batch.finish(failure.as_ref(), &notify, &KeyCache::default());
+        failure
+    }
+
+    /// A refused command in a batch leaves nothing behind and does not
+    /// disturb the commands around it, which see each other's writes.
+    #[test]
+    fn refusals_are_per_command() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let mut conn =
+            super::super::schema::open_writer(&path, Duration::from_secs(1), None).unwrap();
+        let (a, a_rx) = activate(1);
+        let (b, b_rx) = append(1, 1, 1);
+        let (c, c_rx) = append(1, 5, 1);
+        let (d, d_rx) = append(2, 1, 1);
+        let (e, e_rx) = append(1, 1, 1);
+        assert!(run(&mut conn, vec![a, b, c, d, e]).is_none());
+        assert!(a_rx.blocking_recv().unwrap().unwrap().created);
+        assert_eq!(b_rx.blocking_recv().unwrap().unwrap(), 2);
+        assert!(matches!(
+            c_rx.blocking_recv().unwrap(),
+            Err(LogError::StaleEpoch { current: 1, got: 5 })
+        ));
+        assert!(matches!(
+            d_rx.blocking_recv().unwrap(),
+            Err(LogError::NotFound)
+        ));
+        assert_eq!(e_rx.blocking_recv().unwrap().unwrap(), 3);
+    }
+
+    /// When one command hits a full disk, every command of the batch, even
+    /// those that ran fine before it, gets the error and nothing is kept.
+    #[test]
+    fn a_failed_batch_fails_every_command() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let mut conn =
+            super::super::schema::open_writer(&path, Duration::from_secs(1), Some(32)).unwrap();
+        let (a, a_rx) = activate(1);
+        let (b, b_rx) = append(1, 1, 10);
+        let (big, big_rx) = append(1, 1, 200_000);
+        let (after, after_rx) = append(1, 1, 10);
+        let failure = run(&mut conn, vec![a, b, big, after]).unwrap();
+        assert_eq!(failure.sqlite_error_code(), Some(ErrorCode::DiskFull));
+        let full = |r: Result<(), LogError>| match r {
+            Err(LogError::Sqlite(e)) => {
+                assert_eq!(e.sqlite_error_code(), Some(ErrorCode::DiskFull))
+            }
+            other => panic!("{other:?}"),
+        };
+        full(a_rx.blocking_recv().unwrap().map(drop));
+        full(b_rx.blocking_recv().unwrap().map(drop));
+        full(big_rx.blocking_recv().unwrap().map(drop));
+        full(after_rx.blocking_recv().unwrap().map(drop));
+        let sessions: i64 = conn
+            .query_row("SELECT COUNT(*) FROM sessions", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(sessions, 0, "the batch was rolled back");
+    }
+}

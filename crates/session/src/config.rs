@@ -1,0 +1,34 @@
+use std::time::Duration;
+
+/// Limits and timings of the session layer. Each field's doc gives its default.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// Queued invocations per session beyond the running one (default 16).
+    pub queue_depth: usize,
+    /// Live sessions on this node (default 1000).
+    pub max_live_sessions: usize,
+    /// How often `/ping` is polled (default 2 s).
+    pub ping_interval: Duration,
+    /// How long one `/ping` may take (default 5 s).
+    pub ping_timeout: Duration,
+    /// Consecutive failed pings before the sandbox is terminated (default 3).
+    pub ping_failures: u32,
+    /// Time between a graceful stop signal and the hard kill (default 15 s).
+    pub stop_grace: Duration,
+    /// The value of `AWS_REGION` in every sandbox (default "us-east-1").
+    pub aws_region: String,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        Self {
+            queue_depth: 16,
+            max_live_sessions: 1000,
+            ping_interval: Duration::from_secs(2),
+            ping_timeout: Duration::from_secs(5),
+            ping_failures: 3,
+            stop_grace: Duration::from_secs(15),
+            aws_region: "us-east-1".to_owned(),
+        }
+    }
+}
