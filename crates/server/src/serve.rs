@@ -67,15 +67,12 @@ async fn build_state(cfg: Config) -> Result<AppState, ServerError> {
     mkdir(&data)?;
     mkdir(&data.join("agents"))?;
     let store = Arc::new(berth_log::SqliteLog::open(&data.join("berth.db"))?);
-    let driver = ProcessDriver::new(ProcessConfig {
-        state_dir: data.join("sandboxes"),
-        guest_binary: guest_binary(),
-        uid_base: cfg.sandbox_uid_base,
-        uid_count: cfg.sandbox_uid_count,
-        tmp_size_mb: cfg.sandbox_tmp_mb,
-        cgroup_name: cfg.sandbox_cgroup.clone(),
-        ..ProcessConfig::default()
-    })?;
+    let mut pcfg = ProcessConfig::new(data.join("sandboxes"), guest_binary());
+    pcfg.uid_base = cfg.sandbox_uid_base;
+    pcfg.uid_count = cfg.sandbox_uid_count;
+    pcfg.tmp_size_mb = cfg.sandbox_tmp_mb;
+    pcfg.cgroup_name = cfg.sandbox_cgroup.clone();
+    let driver = ProcessDriver::new(pcfg)?;
     let scfg = SessionConfig {
         queue_depth: cfg.queue_depth,
         max_live_sessions: cfg.max_live_sessions,

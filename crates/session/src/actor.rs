@@ -330,7 +330,7 @@ impl Actor {
                 _ = ticker.tick(), if ping.is_none() => {
                     ping = Some(ping_future(sandbox.clone(), self.shared.cfg.ping_timeout));
                 }
-                _ = exited.wait_for(|e| *e) => {
+                _ = async { let _ = exited.wait_for(|e| *e).await; } => {
                     self.stop = Some((TerminationReason::Exited, Some("the agent process exited".into())));
                 }
             }
@@ -344,7 +344,9 @@ impl Actor {
                 self.stop.get_or_insert((reason, None));
                 self.stop_waiters.push(reply);
             }
-            Command::Deadline { .. } => self.reported_deadline = None,
+            // A poke for an earlier activation's deadline is stale.
+            Command::Deadline { epoch } if epoch == self.epoch => self.reported_deadline = None,
+            Command::Deadline { .. } => {}
         }
     }
 

@@ -1,0 +1,310 @@
+//! End to end: real binary, real sandboxes, real agents.
+
+mod common;
+use common::*;
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn turns_share_a_sandbox_and_sessions_never_do() {
+    let s = Server::start();
+    s.deploy_example("counter", None);
+    let c = s.client();
+    let a = sid("counter-a");
+    let b = sid("counter-b");
+    let mut pids = Vec::new();
+    for want in 1..=3 {
+        let r: Value = invoke(&c, &s, &s.admin_key, "counter", &a, json!({}))
+            .await
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(
+            r["count"], want,
+            "turn {want} of one session must see the previous turns"
+        );
+        pids.push(r["pid"].clone());
+    }
+    let rb: Value = invoke(&c, &s, &s.admin_key, "counter", &b, json!({}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(rb["count"], 1, "a second session must get its own sandbox");
+    // Stop a, then use it again: a fresh, empty sandbox.
+    let stop = c
+        .delete(format!("{}/v1/sessions/{a}", s.url))
+        .bearer_auth(&s.admin_key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stop.status(), 200);
+    let rec: Value = stop.json().await.unwrap();
+    assert_eq!(rec["status"], "terminated");
+    assert_eq!(rec["termination_reason"], "stopped");
+    let again: Value = invoke(&c, &s, &s.admin_key, "counter", &a, json!({}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        again["count"], 1,
+        "after termination the session must start empty"
+    );
+    let rec: Value = c
+        .get(format!("{}/v1/sessions/{a}", s.url))
+        .bearer_auth(&s.admin_key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(rec["epoch"], 2);
+    assert_eq!(rec["activations"], 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_sees_the_contract_headers_and_environment() {
+    let s = Server::start();
+    s.deploy_example("echo", None);
+    let c = s.client();
+    let id = sid("echo-contract");
+    let r = c
+        .post(format!("{}/runtimes/arn%3Aaws%3Abedrock-agentcore%3Aus-east-1%3A123456789012%3Aruntime%2Fecho/invocations?qualifier=DEFAULT", s.url))
+        .bearer_auth(&s.admin_key)
+        .header(SESSION_HEADER, &id)
+        .header("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
+        .header("x-not-allowed", "secret")
+        .header("x-amzn-bedrock-agentcore-runtime-custom-thing", "yes")
+        .json(&json!({"prompt": "hi"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()[SESSION_HEADER], id.as_str());
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["echo"]["prompt"], "hi");
+    assert_eq!(v["session_id"], id.as_str());
+    assert!(v["request_id"].as_str().is_some_and(|r| !r.is_empty()));
+    assert_eq!(v["env"]["DOCKER_CONTAINER"], "1");
+    assert_eq!(v["env"]["AWS_REGION"], "us-east-1");
+    let h = &v["headers"];
+    assert!(h["traceparent"].is_string());
+    assert_eq!(h["x-amzn-bedrock-agentcore-runtime-custom-thing"], "yes");
+    assert!(
+        h.get("x-not-allowed").is_none(),
+        "headers outside the allowlist must not reach the agent"
+    );
+    assert!(
+        h.get("authorization").is_none(),
+        "Authorization reaches the agent only when allowed"
+    );
+
+    // Without a session id one is generated, valid, and echoed.
+    let r = c
+        .post(format!("{}/v1/agents/echo/invocations", s.url))
+        .bearer_auth(&s.admin_key)
+        .body("plain text")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let gen = r.headers()[SESSION_HEADER].to_str().unwrap().to_owned();
+    assert!((33..=256).contains(&gen.len()));
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["session_id"], gen.as_str());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_is_relayed_before_the_agent_finishes() {
+    let s = Server::start();
+    s.deploy_example("streamer", None);
+    let c = s.client();
+    let id = sid("stream");
+    let start = Instant::now();
+    let mut r = invoke(
+        &c,
+        &s,
+        &s.admin_key,
+        "streamer",
+        &id,
+        json!({"n": 5, "delay": 0.4}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let first = r.chunk().await.unwrap().expect("a first chunk");
+    let first_at = start.elapsed();
+    assert!(String::from_utf8_lossy(&first).contains("data:"));
+    let mut rest = Vec::new();
+    while let Some(ch) = r.chunk().await.unwrap() {
+        rest.extend_from_slice(&ch);
+    }
+    let total = start.elapsed();
+    assert!(String::from_utf8_lossy(&rest).contains("\"done\""));
+    // The agent spends 5 x 0.4 s between events: a buffered relay would
+    // deliver the first chunk only at the end.
+    assert!(
+        total - first_at >= Duration::from_millis(1200),
+        "first chunk at {first_at:?}, end at {total:?}: the stream was buffered"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crashed_agent_gives_424_and_next_request_gets_a_fresh_sandbox() {
+    let s = Server::start();
+    s.deploy_example("echo", None);
+    let c = s.client();
+    let id = sid("crash");
+    let ok = invoke(&c, &s, &s.admin_key, "echo", &id, json!({})).await;
+    assert_eq!(ok.status(), 200);
+    let pid1: Value = ok.json().await.unwrap();
+    let r = invoke(&c, &s, &s.admin_key, "echo", &id, json!({"crash": true})).await;
+    assert_eq!(r.status(), 424);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["code"], "agent_unreachable");
+    wait_for(
+        "the crashed session to terminate",
+        Duration::from_secs(20),
+        || async {
+            let v: Value = c
+                .get(format!("{}/v1/sessions/{id}", s.url))
+                .bearer_auth(&s.admin_key)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            v["status"] == "terminated"
+        },
+    )
+    .await;
+    let again = invoke(&c, &s, &s.admin_key, "echo", &id, json!({})).await;
+    assert_eq!(again.status(), 200);
+    let pid2: Value = again.json().await.unwrap();
+    assert_eq!(pid2["session_id"], pid1["session_id"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_turns_run_in_order_and_overflow_gets_429() {
+    let s = Server::start_with("queue_depth = 3");
+    s.deploy_example("counter", None);
+    let c = s.client();
+    let id = sid("queue");
+    // Warm the session so every request below goes to one live sandbox.
+    invoke(&c, &s, &s.admin_key, "counter", &id, json!({})).await;
+    let mut handles = Vec::new();
+    for _ in 0..12 {
+        let (c, url, key, id) = (c.clone(), s.url.clone(), s.admin_key.clone(), id.clone());
+        handles.push(tokio::spawn(async move {
+            let r = c
+                .post(format!("{url}/v1/agents/counter/invocations"))
+                .bearer_auth(key)
+                .header(SESSION_HEADER, id)
+                .json(&json!({"sleep": 0.3}))
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            let v: Value = r.json().await.unwrap();
+            (status, v)
+        }));
+    }
+    let mut counts = Vec::new();
+    let mut throttled = 0;
+    for h in handles {
+        let (status, v) = h.await.unwrap();
+        match status {
+            200 => counts.push(v["count"].as_u64().unwrap()),
+            429 => {
+                assert_eq!(v["code"], "session_queue_full");
+                throttled += 1;
+            }
+            other => panic!("unexpected status {other}: {v}"),
+        }
+    }
+    counts.sort();
+    let expect: Vec<u64> = (2..2 + counts.len() as u64).collect();
+    assert_eq!(
+        counts, expect,
+        "turns of one session must run one at a time, none lost"
+    );
+    assert!(
+        throttled > 0,
+        "12 concurrent requests with a queue of 3 must overflow"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_sessions_are_reaped_with_a_recorded_reason() {
+    let s = Server::start();
+    let manifest = "name = \"echo\"\nentrypoint = [\"python3\", \"main.py\"]\n[lifecycle]\nidle_timeout_s = 1\nmax_lifetime_s = 3\n";
+    s.deploy_example("echo", Some(manifest));
+    let c = s.client();
+    let idle = sid("idle");
+    assert_eq!(
+        invoke(&c, &s, &s.admin_key, "echo", &idle, json!({}))
+            .await
+            .status(),
+        200
+    );
+    wait_for("idle termination", Duration::from_secs(15), || async {
+        let v: Value = c
+            .get(format!("{}/v1/sessions/{idle}", s.url))
+            .bearer_auth(&s.admin_key)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v["status"] == "terminated" && v["termination_reason"] == "idle_timeout"
+    })
+    .await;
+    // A session kept busy with requests still ends at its max lifetime.
+    let busy = sid("lifetime");
+    let t0 = Instant::now();
+    let mut reason = Value::Null;
+    while t0.elapsed() < Duration::from_secs(15) {
+        invoke(&c, &s, &s.admin_key, "echo", &busy, json!({"sleep": 0.2})).await;
+        let v: Value = c
+            .get(format!("{}/v1/sessions/{busy}", s.url))
+            .bearer_auth(&s.admin_key)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if v["activations"].as_u64() > Some(1) || v["termination_reason"] == "max_lifetime" {
+            reason = json!("max_lifetime");
+            break;
+        }
+    }
+    assert_eq!(
+        reason, "max_lifetime",
+        "a busy session must still end at its max lifetime"
+    );
+    let events: Value = c
+        .get(format!("{}/v1/sessions/{busy}/events", s.url))
+        .bearer_auth(&s.admin_key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let reasons: Vec<&Value> = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["event"]["type"] == "terminated")
+        .map(|e| &e["event"]["reason"])
+        .collect();
+    assert!(reasons.iter().any(|r| *r == "max_lifetime"), "{reasons:?}");
+}
