@@ -46,7 +46,9 @@ pub fn run(spec: &GuestSpec) -> i32 {
         .enable_all()
         .build();
     match runtime {
-        Ok(rt) => rt.block_on(serve(spec)),
+        // Exit from inside the runtime: dropping it would wait for its
+        // blocking threads, which only delays the host seeing the end.
+        Ok(rt) => std::process::exit(rt.block_on(serve(spec))),
         Err(e) => {
             eprintln!("berth-guest: runtime: {e}");
             70
@@ -106,6 +108,7 @@ async fn wait_for_end(shared: Arc<Shared>, mut status: watch::Receiver<GuestStat
         let _ = tokio::time::timeout(LINGER, conn).await;
     }
     let last = *status.borrow();
+    eprintln!("DEBUG agent ended {last:?}");
     last.exit_code
         .or(last.signal.map(|s| 128 + s))
         .unwrap_or(1)
@@ -211,6 +214,7 @@ fn shutdown(shared: &Arc<Shared>, grace: Duration) {
     if shared.shutdown.swap(true, Ordering::SeqCst) {
         return;
     }
+    eprintln!("DEBUG shutdown {grace:?}");
     let _ = kill(shared.agent, Signal::SIGTERM);
     let shared = shared.clone();
     tokio::spawn(async move {
@@ -234,6 +238,7 @@ async fn forward(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
         Ok(resp) => {
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
+            parts.headers.remove(GUEST_ERROR_HEADER);
             Response::from_parts(parts, body.boxed())
         }
         Err(e) => {
@@ -275,6 +280,14 @@ fn json<T: serde::Serialize>(status: StatusCode, value: &T) -> Response<Body> {
     response
 }
 
+/// Marks the guest's own answers, so the host can tell them from the
+/// agent's; the agent's responses never carry it (see `forward`).
+pub const GUEST_ERROR_HEADER: &str = "x-berth-guest-error";
+
 fn error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
-    json(status, &serde_json::json!({ "code": code, "message": message }))
+    let mut r = json(status, &serde_json::json!({ "code": code, "message": message }));
+    if let Ok(v) = header::HeaderValue::from_str(code) {
+        r.headers_mut().insert(GUEST_ERROR_HEADER, v);
+    }
+    r
 }

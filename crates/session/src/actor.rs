@@ -82,14 +82,19 @@ impl ActorHandle {
         }
     }
 
+    /// Waits until the actor has written its last event.
+    pub(crate) async fn wait_done(&self) {
+        let mut done = self.done.clone();
+        let _ = done.wait_for(|d| *d).await;
+    }
+
     /// Stops the actor and waits until it is gone.
     pub(crate) async fn stop(&self, reason: TerminationReason) {
         let (reply, rx) = oneshot::channel();
         if self.tx.send(Command::Stop { reason, reply }).await.is_ok() {
             let _ = rx.await;
         }
-        let mut done = self.done.clone();
-        let _ = done.wait_for(|d| *d).await;
+        self.wait_done().await;
     }
 }
 
@@ -467,7 +472,9 @@ impl Actor {
             .take()
             .unwrap_or((TerminationReason::Shutdown, None));
         self.shared.expiry.cancel(&self.id, self.epoch);
-        self.shared.registry.remove(&self.id, self.epoch);
+        // Closing first makes new submissions bounce (`Submit::Gone`); the
+        // manager then waits for `done` before it activates again, so this
+        // activation's last events are written under its own epoch.
         self.rx.close();
         self.reject_waiting(reason, start_error);
         let mut usage = UsageSample::default();
@@ -489,6 +496,7 @@ impl Actor {
         self.append(SessionEvent::Usage(usage)).await;
         self.append(SessionEvent::Terminated { reason, detail }).await;
         tracing::info!(reason = reason.as_str(), "session terminated");
+        self.shared.registry.remove(&self.id, self.epoch);
         let _ = self.done_tx.send(true);
         for w in self.stop_waiters.drain(..) {
             let _ = w.send(());
@@ -556,6 +564,11 @@ async fn run_turn(
             return failed(424);
         }
     };
+    if resp.headers().contains_key(GUEST_ERROR_HEADER) {
+        let detail = guest_error(resp).await;
+        let _ = reply.send(Err(Reject::Error(SessionError::AgentUnreachable(detail))));
+        return failed(424);
+    }
     let status = resp.status().as_u16();
     let (done_tx, done_rx) = oneshot::channel();
     let resp = resp.map(|b| TurnBody::new(b, done_tx));
@@ -572,6 +585,20 @@ async fn run_turn(
         stats,
         started,
     }
+}
+
+/// Set by the guest on its own answers (the agent cannot set it: the guest
+/// strips it from the agent's responses).
+const GUEST_ERROR_HEADER: &str = "x-berth-guest-error";
+
+/// The message of a guest's error answer, read within a small limit.
+async fn guest_error(resp: http::Response<hyper::body::Incoming>) -> String {
+    let limited = http_body_util::Limited::new(resp.into_body(), 64 * 1024);
+    let bytes = limited.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+    serde_json::from_slice::<serde_json::Value>(&bytes)
+        .ok()
+        .and_then(|v| v["message"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| "the agent could not be reached".into())
 }
 
 fn empty_body() -> BoxBody {

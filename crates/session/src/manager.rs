@@ -163,7 +163,7 @@ impl SessionManager {
         let mut inv = inv;
         // An actor that is terminating hands the invocation back; the next
         // attempt finds the registry without it and activates afresh.
-        for _ in 0..4 {
+        for _ in 0..8 {
             if self.closing.load(Ordering::Acquire) {
                 return Err(SessionError::ShuttingDown);
             }
@@ -172,6 +172,7 @@ impl SessionManager {
                 Submit::Queued(rx) => rx,
                 Submit::Full => return Err(SessionError::QueueFull(self.shared.cfg.queue_depth)),
                 Submit::Gone(back) => {
+                    handle.wait_done().await;
                     self.shared.registry.remove(&id, handle.epoch);
                     inv = back;
                     continue;
