@@ -302,6 +302,7 @@ pub async fn install(
     tokio::fs::create_dir_all(&cfg.agents_dir)
         .await
         .map_err(io_err("creating", &cfg.agents_dir))?;
+    // Private until published: nobody should run a half-installed version.
     tokio::fs::DirBuilder::new()
         .mode(0o700)
         .create(&staging_path)
@@ -311,57 +312,27 @@ pub async fn install(
         path: staging_path.clone(),
         armed: true,
     };
-    let say = |line: String| {
-        let progress = progress.clone();
-        async move {
-            let _ = progress.send(line).await;
-        }
-    };
 
-    say(format!("unpacking {} bytes…", archive.len())).await;
+    say(&progress, format!("unpacking {} bytes…", archive.len())).await;
     let app = staging_path.join("app");
-    let (files, bytes) = {
+    let (files, bytes) = blocking(&staging_path, {
         let (archive, app, cfg) = (archive.to_vec(), app.clone(), cfg.clone());
-        tokio::task::spawn_blocking(move || unpack(&archive, &app, &cfg))
-            .await
-            .map_err(|e| io_err("unpacking", &staging_path)(io::Error::other(e)))??
-    };
-    say(format!(
-        "unpacked {files} files and directories, {bytes} bytes"
-    ))
+        move || unpack(&archive, &app, &cfg)
+    })
+    .await?;
+    say(
+        &progress,
+        format!("unpacked {files} entries, {bytes} bytes"),
+    )
     .await;
     let manifest = read_manifest(&app, &cfg.policy).await?;
+    let venv = install_requirements(cfg, &staging_path, &progress).await?;
 
-    let venv = if tokio::fs::metadata(app.join(REQUIREMENTS_FILE))
-        .await
-        .is_ok_and(|m| m.is_file())
-    {
-        let requirements = read_limited(
-            &app.join(REQUIREMENTS_FILE),
-            MAX_REQUIREMENTS_BYTES,
-            DeployError::RequirementsUnreadable {
-                reason: "is larger than 1 MiB",
-            },
-            DeployError::RequirementsUnreadable {
-                reason: "is not UTF-8",
-            },
-        )
-        .await?;
-        check_requirements(&requirements)?;
-        let venv = staging_path.join("venv");
-        create_venv(cfg, &venv, &progress).await?;
-        let count = pip_install(cfg, &venv, &app, &progress).await?;
-        say(format!("installed {count} packages")).await;
-        relocate_scripts(&venv, VENV_MOUNT).await?;
-        true
-    } else {
-        false
-    };
-
-    let perm_root = staging_path.clone();
-    tokio::task::spawn_blocking(move || normalize_permissions(&perm_root))
-        .await
-        .map_err(|e| io_err("setting permissions", &staging_path)(io::Error::other(e)))??;
+    blocking(&staging_path, {
+        let root = staging_path.clone();
+        move || normalize_permissions(&root)
+    })
+    .await?;
     let parent = cfg.agents_dir.join(manifest.name.as_str());
     tokio::fs::create_dir_all(&parent)
         .await
@@ -371,7 +342,11 @@ pub async fn install(
         .await
         .map_err(io_err("moving", &staging_path))?;
     staging.armed = false;
-    say(format!("installed {} version {version}", manifest.name)).await;
+    say(
+        &progress,
+        format!("installed {} version {version}", manifest.name),
+    )
+    .await;
     Ok(Installed {
         manifest,
         version,
@@ -379,6 +354,52 @@ pub async fn install(
         venv_dir: venv.then(|| dir.join("venv")),
         dir,
     })
+}
+
+async fn say(progress: &mpsc::Sender<String>, line: String) {
+    let _ = progress.send(line).await;
+}
+
+/// Runs file work off the async threads.
+async fn blocking<T: Send + 'static>(
+    path: &Path,
+    f: impl FnOnce() -> Result<T, DeployError> + Send + 'static,
+) -> Result<T, DeployError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| io_err("installing", path)(io::Error::other(e)))?
+}
+
+/// Creates `staging/venv` and installs `staging/app/requirements.txt` into
+/// it, when the agent has one. Returns whether it did.
+async fn install_requirements(
+    cfg: &DeployConfig,
+    staging: &Path,
+    progress: &mpsc::Sender<String>,
+) -> Result<bool, DeployError> {
+    let app = staging.join("app");
+    let path = app.join(REQUIREMENTS_FILE);
+    if !tokio::fs::metadata(&path).await.is_ok_and(|m| m.is_file()) {
+        return Ok(false);
+    }
+    let requirements = read_limited(
+        &path,
+        MAX_REQUIREMENTS_BYTES,
+        DeployError::RequirementsUnreadable {
+            reason: "is larger than 1 MiB",
+        },
+        DeployError::RequirementsUnreadable {
+            reason: "is not UTF-8",
+        },
+    )
+    .await?;
+    check_requirements(&requirements)?;
+    let venv = staging.join("venv");
+    create_venv(cfg, &venv, progress).await?;
+    let count = pip_install(cfg, &venv, &app, progress).await?;
+    say(progress, format!("installed {count} packages")).await;
+    relocate_scripts(&venv, VENV_MOUNT).await?;
+    Ok(true)
 }
 
 /// Deletes a version's files. A version that is already gone is fine;
@@ -504,7 +525,7 @@ fn unpack(archive: &[u8], dest: &Path, cfg: &DeployConfig) -> Result<(u64, u64),
         let target = dest.join(&rel);
         match kind {
             tar::EntryType::Directory => {
-                std::fs::create_dir_all(&target).map_err(io_err("creating", &target))?;
+                std::fs::create_dir_all(&target).map_err(fs_err("creating", &target))?;
             }
             tar::EntryType::Regular | tar::EntryType::Continuous => {
                 if rel.as_os_str().is_empty() {
@@ -512,23 +533,18 @@ fn unpack(archive: &[u8], dest: &Path, cfg: &DeployConfig) -> Result<(u64, u64),
                         path: raw.to_string_lossy().into_owned(),
                     });
                 }
-                if let Some(parent) = target.parent() {
-                    std::fs::create_dir_all(parent).map_err(io_err("creating", parent))?;
-                }
                 let exec = entry.header().mode().is_ok_and(|m| m & 0o111 != 0);
-                let mut file =
-                    std::fs::File::create(&target).map_err(io_err("creating", &target))?;
                 let left = cfg.max_unpacked_bytes - bytes;
-                let n =
-                    io::copy(&mut (&mut entry).take(left + 1), &mut file).map_err(archive_err)?;
+                let n = write_file(&target, &mut (&mut entry).take(left + 1), exec).map_err(
+                    |e| match e {
+                        DeployError::Archive(e) => archive_err(e),
+                        e => e,
+                    },
+                )?;
                 bytes += n;
                 if bytes > cfg.max_unpacked_bytes {
                     return Err(too_large);
                 }
-                file.flush().map_err(io_err("writing", &target))?;
-                let mode = if exec { 0o755 } else { 0o644 };
-                std::fs::set_permissions(&target, std::fs::Permissions::from_mode(mode))
-                    .map_err(io_err("setting permissions", &target))?;
             }
             other => {
                 return Err(DeployError::UnsafeEntry {
@@ -539,6 +555,45 @@ fn unpack(archive: &[u8], dest: &Path, cfg: &DeployConfig) -> Result<(u64, u64),
         }
     }
     Ok((files, bytes))
+}
+
+/// Writes one unpacked file; returns its length.
+fn write_file(target: &Path, data: &mut impl Read, exec: bool) -> Result<u64, DeployError> {
+    if let Some(parent) = target.parent() {
+        std::fs::create_dir_all(parent).map_err(fs_err("creating", parent))?;
+    }
+    let mut file = std::fs::File::create(target).map_err(fs_err("creating", target))?;
+    // Not io::copy: a read error is the archive's fault, a write error ours.
+    let mut buf = vec![0u8; 64 << 10];
+    let mut n = 0u64;
+    loop {
+        let k = match data.read(&mut buf) {
+            Ok(0) => break,
+            Ok(k) => k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(DeployError::Archive(e)),
+        };
+        file.write_all(&buf[..k])
+            .map_err(io_err("writing", target))?;
+        n += k as u64;
+    }
+    file.flush().map_err(io_err("writing", target))?;
+    let mode = if exec { 0o755 } else { 0o644 };
+    std::fs::set_permissions(target, std::fs::Permissions::from_mode(mode))
+        .map_err(io_err("setting permissions", target))?;
+    Ok(n)
+}
+
+/// Like [`io_err`], but blames the archive when its own layout is the
+/// cause (a file where a directory should be, or the reverse).
+fn fs_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> DeployError {
+    let io = io_err(op, path);
+    move |e| match e.kind() {
+        io::ErrorKind::NotADirectory
+        | io::ErrorKind::IsADirectory
+        | io::ErrorKind::AlreadyExists => DeployError::Archive(e),
+        _ => io(e),
+    }
 }
 
 /// Makes a version readable, not writable, by the sandbox's user: dirs
@@ -919,7 +974,10 @@ mod tests {
 
     /// A tar.gz built from raw headers, so that it can hold what the tar
     /// crate's safe API refuses to write.
-    fn raw_archive(entries: &[(&[u8], tar::EntryType, &[u8], &[u8])]) -> Vec<u8> {
+    /// Path, type, link name, contents.
+    type RawEntry<'a> = (&'a [u8], tar::EntryType, &'a [u8], &'a [u8]);
+
+    fn raw_archive(entries: &[RawEntry<'_>]) -> Vec<u8> {
         let mut b = tar::Builder::new(GzEncoder::new(Vec::new(), Compression::fast()));
         let manifest = b"name = \"evil\"\nentrypoint = [\"python3\", \"main.py\"]\n";
         let mut h = tar::Header::new_gnu();
@@ -1079,6 +1137,20 @@ mod tests {
                 "unsafe_archive",
             ),
             (b"not a gzip stream".to_vec(), "invalid_archive"),
+            (
+                raw_archive(&[
+                    (b"a", tar::EntryType::Regular, b"", b"x"),
+                    (b"a/b", tar::EntryType::Regular, b"", b"y"),
+                ]),
+                "invalid_archive",
+            ),
+            (
+                {
+                    let whole = archive_of(&[("berth.toml", MANIFEST), ("f", &[1u8; 5000])]);
+                    whole[..whole.len() / 2].to_vec()
+                },
+                "invalid_archive",
+            ),
         ];
         for (i, (archive, code)) in cases.iter().enumerate() {
             let (result, _) = run(&cfg, archive).await;
