@@ -6,7 +6,7 @@ use crate::Global;
 use anyhow::{bail, Context, Result};
 use futures_util::StreamExt;
 use reqwest::{Method, Response};
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 
 /// The AgentCore-compatible header that names the session, both ways.
 pub const SESSION_HEADER: &str = "X-Amzn-Bedrock-AgentCore-Runtime-Session-Id";
@@ -60,10 +60,17 @@ pub async fn run(g: &Global, args: InvokeArgs) -> Result<()> {
 async fn copy_body(resp: Response) -> Result<()> {
     let mut body = resp.bytes_stream();
     let mut stdout = std::io::stdout();
+    let mut last = None;
     while let Some(chunk) = body.next().await {
         let chunk = chunk.context("reading the agent's response")?;
         stdout.write_all(&chunk)?;
         stdout.flush()?;
+        last = chunk.last().copied().or(last);
+    }
+    // Keeps the shell prompt off the answer's last line; a pipe gets the
+    // body byte for byte.
+    if stdout.is_terminal() && last.is_some_and(|b| b != b'\n') {
+        writeln!(stdout)?;
     }
     Ok(())
 }

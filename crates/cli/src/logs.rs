@@ -140,6 +140,8 @@ fn details(event: &Value) -> String {
         .filter(|(k, _)| k.as_str() != "type")
         .map(|(k, v)| match v {
             Value::Object(_) | Value::Array(_) => format!("{k}={v}"),
+            // Durations are fractional ms; a tenth is precision enough.
+            Value::Number(n) if n.is_f64() => format!("{k}={:.1}", n.as_f64().unwrap_or(0.0)),
             other => format!("{k}={}", render::plain(other)),
         })
         .collect::<Vec<_>>()
@@ -154,10 +156,10 @@ mod tests {
     #[test]
     fn event_line_has_seq_time_type_details() {
         let r = json!({"session_id": "s", "seq": 3, "epoch": 1, "at_ms": 1500,
-            "event": {"type": "status_changed", "from": "ready", "to": "busy"}});
+            "event": {"type": "status_changed", "from": "ready", "to": "busy", "ms": 1.26}});
         let line = event_line(&r);
         assert!(line.starts_with("     3  1970-01-01 00:00:01.500  status_changed"));
-        assert!(line.ends_with("from=ready to=busy"), "{line}");
+        assert!(line.ends_with("from=ready ms=1.3 to=busy"), "{line}");
     }
 
     #[test]

@@ -2,6 +2,7 @@
 
 use crate::Global;
 use anyhow::{Context, Result};
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -57,5 +58,7 @@ fn init_tracing() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour codes only on a terminal; a log file or journald gets text.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
 }
