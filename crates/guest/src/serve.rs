@@ -108,10 +108,7 @@ async fn wait_for_end(shared: Arc<Shared>, mut status: watch::Receiver<GuestStat
         let _ = tokio::time::timeout(LINGER, conn).await;
     }
     let last = *status.borrow();
-    eprintln!("DEBUG agent ended {last:?}");
-    last.exit_code
-        .or(last.signal.map(|s| 128 + s))
-        .unwrap_or(1)
+    last.exit_code.or(last.signal.map(|s| 128 + s)).unwrap_or(1)
 }
 
 fn channel() -> std::io::Result<tokio::net::UnixStream> {
@@ -145,7 +142,11 @@ fn spawn_agent(spec: &GuestSpec) -> std::io::Result<Pid> {
 }
 
 /// Pid 1 reaps every child, orphans included, and records the agent's end.
-async fn reap(mut sigchld: tokio::signal::unix::Signal, agent: Pid, tx: watch::Sender<GuestStatus>) {
+async fn reap(
+    mut sigchld: tokio::signal::unix::Signal,
+    agent: Pid,
+    tx: watch::Sender<GuestStatus>,
+) {
     loop {
         loop {
             match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
@@ -179,7 +180,10 @@ async fn serve_channel(stream: tokio::net::UnixStream, shared: Arc<Shared>) {
     builder
         .max_concurrent_streams(4096)
         .max_header_list_size(256 * 1024);
-    if let Err(e) = builder.serve_connection(TokioIo::new(stream), service).await {
+    if let Err(e) = builder
+        .serve_connection(TokioIo::new(stream), service)
+        .await
+    {
         eprintln!("berth-guest: channel closed: {e}");
     }
 }
@@ -214,7 +218,6 @@ fn shutdown(shared: &Arc<Shared>, grace: Duration) {
     if shared.shutdown.swap(true, Ordering::SeqCst) {
         return;
     }
-    eprintln!("DEBUG shutdown {grace:?}");
     let _ = kill(shared.agent, Signal::SIGTERM);
     let shared = shared.clone();
     tokio::spawn(async move {
@@ -229,12 +232,20 @@ async fn forward(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
     let (mut parts, body) = req.into_parts();
     let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let Ok(uri) = format!("http://127.0.0.1:{}{pq}", shared.port).parse() else {
-        return error(StatusCode::BAD_REQUEST, "bad_request", "invalid request target");
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "invalid request target",
+        );
     };
     parts.uri = uri;
     parts.version = http::Version::HTTP_11;
     strip_hop_by_hop(&mut parts.headers);
-    match shared.client.request(Request::from_parts(parts, body)).await {
+    match shared
+        .client
+        .request(Request::from_parts(parts, body))
+        .await
+    {
         Ok(resp) => {
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
@@ -285,7 +296,10 @@ fn json<T: serde::Serialize>(status: StatusCode, value: &T) -> Response<Body> {
 pub const GUEST_ERROR_HEADER: &str = "x-berth-guest-error";
 
 fn error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
-    let mut r = json(status, &serde_json::json!({ "code": code, "message": message }));
+    let mut r = json(
+        status,
+        &serde_json::json!({ "code": code, "message": message }),
+    );
     if let Ok(v) = header::HeaderValue::from_str(code) {
         r.headers_mut().insert(GUEST_ERROR_HEADER, v);
     }

@@ -80,7 +80,10 @@ pub fn enter_namespaces(spec: &GuestSpec) -> Result<(), Fail> {
 fn wait_parent(spec: &GuestSpec, child: Pid) -> ! {
     let _ = nix::unistd::close(crate::proto::CHANNEL_FD);
     if let Err(f) = drop_privileges(spec).and_then(|()| lock_down()) {
-        eprintln!("berth-guest: parent lock-down failed at {}: {}", f.stage, f.errno);
+        eprintln!(
+            "berth-guest: parent lock-down failed at {}: {}",
+            f.stage, f.errno
+        );
         let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
     }
     loop {
@@ -136,7 +139,9 @@ fn lock_down() -> Result<(), Fail> {
     seccomp::install().map_err(|e| Fail {
         stage: "seccomp",
         errno: match e {
-            seccompiler::Error::Seccomp(errno) => Errno::from_raw(errno.raw_os_error().unwrap_or(libc::EINVAL)),
+            seccompiler::Error::Seccomp(errno) => {
+                Errno::from_raw(errno.raw_os_error().unwrap_or(libc::EINVAL))
+            }
             _ => Errno::EINVAL,
         },
     })
@@ -153,7 +158,10 @@ fn capabilities_effective() -> std::io::Result<u64> {
 
 /// Creates `path` (a directory) with mode 0755 and its parents.
 pub fn mkdirs(path: &Path) -> std::io::Result<()> {
-    fs::DirBuilder::new().recursive(true).mode(0o755).create(path)
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(path)
 }
 
 pub fn mount_at(

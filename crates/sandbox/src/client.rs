@@ -154,10 +154,17 @@ impl GuestClient {
     /// Asks the guest to SIGTERM the agent and SIGKILL it after `grace`.
     pub async fn shutdown(&self, grace: Duration) -> Result<(), DriverError> {
         let target = format!("{SHUTDOWN_PATH}?grace_ms={}", grace.as_millis());
-        self.control(Method::POST, SHUTDOWN_PATH, &target).await.map(drop)
+        self.control(Method::POST, SHUTDOWN_PATH, &target)
+            .await
+            .map(drop)
     }
 
-    async fn control(&self, method: Method, path: &'static str, target: &str) -> Result<Bytes, DriverError> {
+    async fn control(
+        &self,
+        method: Method,
+        path: &'static str,
+        target: &str,
+    ) -> Result<Bytes, DriverError> {
         let req = Request::builder()
             .method(method)
             .uri(target)
@@ -181,5 +188,7 @@ impl GuestClient {
 }
 
 fn empty() -> BoxBody {
-    Empty::<Bytes>::new().map_err(|never| match never {}).boxed()
+    Empty::<Bytes>::new()
+        .map_err(|never| match never {})
+        .boxed()
 }

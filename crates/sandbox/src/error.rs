@@ -69,7 +69,10 @@ impl From<SetupFailure> for DriverError {
 }
 
 impl DriverError {
-    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Self {
+    pub(crate) fn io(
+        op: &'static str,
+        path: impl Into<PathBuf>,
+    ) -> impl FnOnce(std::io::Error) -> Self {
         let path = path.into();
         move |source| DriverError::Io { op, path, source }
     }

@@ -166,7 +166,9 @@ impl Sandbox {
                 tracing::debug!(sandbox = %self.id, error = %e, "shutdown request failed");
             }
             let margin = Duration::from_millis(200);
+            let t = std::time::Instant::now();
             let _ = tokio::time::timeout(grace + margin, exited.wait_for(|e| *e)).await;
+            tracing::debug!(sandbox = %self.id, elapsed = ?t.elapsed(), "guest exited");
         }
         self.control.destroy().await
     }

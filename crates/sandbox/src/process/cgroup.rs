@@ -85,10 +85,18 @@ impl Cgroups {
             match fs::create_dir(dir) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-                Err(source) => return Err(DriverError::Cgroup { path: dir.clone(), source }),
+                Err(source) => {
+                    return Err(DriverError::Cgroup {
+                        path: dir.clone(),
+                        source,
+                    })
+                }
             }
         }
-        write(&self.memory.join("memory.limit_in_bytes"), limits.memory_bytes)?;
+        write(
+            &self.memory.join("memory.limit_in_bytes"),
+            limits.memory_bytes,
+        )?;
         // Without swap accounting a sandbox could push its memory to swap.
         let memsw = self.memory.join("memory.memsw.limit_in_bytes");
         if memsw.exists() {
@@ -172,7 +180,10 @@ pub fn rmdir_retry(dir: &Path, timeout: Duration) -> Result<(), DriverError> {
             Ok(()) => return Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(source) if Instant::now() > deadline => {
-                return Err(DriverError::Cgroup { path: dir.to_path_buf(), source })
+                return Err(DriverError::Cgroup {
+                    path: dir.to_path_buf(),
+                    source,
+                })
             }
             Err(_) => std::thread::sleep(Duration::from_millis(5)),
         }

@@ -25,7 +25,9 @@ fn unescape(field: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        let octal = bytes.get(i + 1..i + 4).filter(|d| d.iter().all(|b| (b'0'..=b'7').contains(b)));
+        let octal = bytes
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(|b| (b'0'..=b'7').contains(b)));
         match (bytes[i], octal) {
             (b'\\', Some(d)) => {
                 out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
@@ -42,7 +44,10 @@ fn unescape(field: &str) -> String {
 
 /// Mount points at or below `dir`.
 pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
-    mount_points().into_iter().filter(|m| m.starts_with(dir)).collect()
+    mount_points()
+        .into_iter()
+        .filter(|m| m.starts_with(dir))
+        .collect()
 }
 
 /// Detaches every mount at or below `dir`, deepest first.
@@ -64,8 +69,15 @@ pub fn sweep(cgroup_name: &str, state_dir: &Path) -> Result<SweepReport, DriverE
     let mut report = SweepReport::default();
     let mut children: Vec<PathBuf> = Vec::new();
     for parent in parents(cgroup_name) {
-        let Ok(entries) = fs::read_dir(&parent) else { continue };
-        children.extend(entries.flatten().filter(|e| e.path().is_dir()).map(|e| e.path()));
+        let Ok(entries) = fs::read_dir(&parent) else {
+            continue;
+        };
+        children.extend(
+            entries
+                .flatten()
+                .filter(|e| e.path().is_dir())
+                .map(|e| e.path()),
+        );
     }
     report.processes_killed = kill_in(&children, Duration::from_secs(10))?;
     for child in &children {

@@ -12,7 +12,9 @@ use tokio::sync::watch;
 
 use super::cgroup::Cgroups;
 use super::{cleanup, spawn, Inner};
-use crate::{read_preamble, DriverError, GuestClient, Sandbox, SandboxControl, SandboxSpec, SandboxUsage};
+use crate::{
+    read_preamble, DriverError, GuestClient, Sandbox, SandboxControl, SandboxSpec, SandboxUsage,
+};
 
 const KILL_TIMEOUT: Duration = Duration::from_secs(10);
 const RMDIR_TIMEOUT: Duration = Duration::from_secs(5);
@@ -42,13 +44,18 @@ fn reserve(inner: &Arc<Inner>, id: &str) -> Result<Live, DriverError> {
     }
     let uid = {
         let mut uids = inner.uids.lock().unwrap_or_else(|p| p.into_inner());
-        let free = (cfg.uid_base..cfg.uid_base.saturating_add(cfg.uid_count)).find(|u| !uids.contains(u));
+        let free =
+            (cfg.uid_base..cfg.uid_base.saturating_add(cfg.uid_count)).find(|u| !uids.contains(u));
         free.inspect(|u| {
             uids.insert(*u);
         })
     };
     let Some(uid) = uid else {
-        inner.ids.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+        inner
+            .ids
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
         let live = inner.uids.lock().unwrap_or_else(|p| p.into_inner()).len();
         return Err(DriverError::NoUidSlot(live));
     };
@@ -72,7 +79,12 @@ pub async fn start(inner: Arc<Inner>, spec: SandboxSpec) -> Result<Sandbox, Driv
     match launch(&live, &spec).await {
         Ok((start_time, client)) => {
             let control = ProcessControl { live };
-            Ok(Sandbox::new(spec.sandbox_id, start_time, client, Box::new(control)))
+            Ok(Sandbox::new(
+                spec.sandbox_id,
+                start_time,
+                client,
+                Box::new(control),
+            ))
         }
         Err(e) => {
             if let Err(cleanup) = live.destroy().await {
@@ -93,8 +105,12 @@ impl Live {
             std::fs::create_dir_all(&path).map_err(DriverError::io("create", &path))?;
         }
         let upper = dir.join("upper");
-        nix::unistd::chown(&upper, Some(Uid::from_raw(self.uid)), Some(Gid::from_raw(self.uid)))
-            .map_err(|e| DriverError::io("chown", &upper)(e.into()))?;
+        nix::unistd::chown(
+            &upper,
+            Some(Uid::from_raw(self.uid)),
+            Some(Gid::from_raw(self.uid)),
+        )
+        .map_err(|e| DriverError::io("chown", &upper)(e.into()))?;
         self.cgroups.create(&spec.limits)?;
         let guest = GuestSpec {
             sandbox_id: spec.sandbox_id.clone(),
@@ -115,13 +131,17 @@ impl Live {
             nproc: spec.limits.pids,
         };
         let path = dir.join("spec.json");
-        let json = serde_json::to_vec(&guest).map_err(|e| DriverError::io("encode", &path)(e.into()))?;
+        let json =
+            serde_json::to_vec(&guest).map_err(|e| DriverError::io("encode", &path)(e.into()))?;
         std::fs::write(&path, json).map_err(DriverError::io("write", &path))?;
         Ok(path)
     }
 }
 
-async fn launch(live: &Arc<Live>, spec: &SandboxSpec) -> Result<(Duration, GuestClient), DriverError> {
+async fn launch(
+    live: &Arc<Live>,
+    spec: &SandboxSpec,
+) -> Result<(Duration, GuestClient), DriverError> {
     let cfg = &live.inner.cfg;
     let spec_path = {
         let live = live.clone();
@@ -132,7 +152,8 @@ async fn launch(live: &Arc<Live>, spec: &SandboxSpec) -> Result<(Duration, Guest
     };
     let (host, guest) = std::os::unix::net::UnixStream::pair().map_err(DriverError::Spawn)?;
     let started = Instant::now();
-    let mut child = spawn::spawn_guest(&cfg.guest_binary, &spec_path, guest.into()).map_err(DriverError::Spawn)?;
+    let mut child = spawn::spawn_guest(&cfg.guest_binary, &spec_path, guest.into())
+        .map_err(DriverError::Spawn)?;
     *live.guest_pid.lock().unwrap_or_else(|p| p.into_inner()) = child.id();
     let max = cfg.max_output_chunk;
     if let Some(out) = child.stdout.take() {
@@ -141,7 +162,11 @@ async fn launch(live: &Arc<Live>, spec: &SandboxSpec) -> Result<(Duration, Guest
     if let Some(err) = child.stderr.take() {
         tokio::spawn(spawn::drain(err, spec.sandbox_id.clone(), "stderr", max));
     }
-    tokio::spawn(watch_exit(child, live.exited_tx.clone(), live.exit_code.clone()));
+    tokio::spawn(watch_exit(
+        child,
+        live.exited_tx.clone(),
+        live.exit_code.clone(),
+    ));
     host.set_nonblocking(true).map_err(DriverError::Spawn)?;
     let mut host = tokio::net::UnixStream::from_std(host).map_err(DriverError::Spawn)?;
     match tokio::time::timeout(cfg.setup_timeout, read_preamble(&mut host)).await {
@@ -154,9 +179,14 @@ async fn launch(live: &Arc<Live>, spec: &SandboxSpec) -> Result<(Duration, Guest
 }
 
 /// Reaps the guest's setup parent and publishes its exit.
-async fn watch_exit(mut child: tokio::process::Child, tx: watch::Sender<bool>, code: Arc<Mutex<Option<i32>>>) {
+async fn watch_exit(
+    mut child: tokio::process::Child,
+    tx: watch::Sender<bool>,
+    code: Arc<Mutex<Option<i32>>>,
+) {
     use std::os::unix::process::ExitStatusExt as _;
     let status = child.wait().await;
+    tracing::debug!(?status, "guest parent reaped");
     let value = match status {
         Ok(s) => s.code().or(s.signal().map(|sig| 128 + sig)).unwrap_or(1),
         Err(_) => 1,
@@ -176,14 +206,18 @@ impl Live {
             // Our direct child, not yet reaped: the pid cannot have been reused.
             let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
         }
+        let t = Instant::now();
         let this = self.clone();
         let usage = blocking(move || this.kill_and_measure()).await?;
+        tracing::debug!(sandbox = %self.id, elapsed = ?t.elapsed(), "killed");
         if guest_pid.is_some() {
             let mut exited = self.exited.clone();
             let _ = tokio::time::timeout(KILL_TIMEOUT, exited.wait_for(|e| *e)).await;
         }
+        tracing::debug!(sandbox = %self.id, elapsed = ?t.elapsed(), "reaped");
         let this = self.clone();
         blocking(move || this.remove_files()).await?;
+        tracing::debug!(sandbox = %self.id, elapsed = ?t.elapsed(), "removed");
         self.release();
         let _ = self.exited_tx.send(true);
         *done = Some(usage);
@@ -209,8 +243,16 @@ impl Live {
 
     /// Frees the uid and the id; only called once no process is left.
     fn release(&self) {
-        self.inner.uids.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.uid);
-        self.inner.ids.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.id);
+        self.inner
+            .uids
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.uid);
+        self.inner
+            .ids
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
     }
 }
 
@@ -242,7 +284,11 @@ impl SandboxControl for ProcessControl {
     }
 
     fn exit_code(&self) -> Option<i32> {
-        *self.live.exit_code.lock().unwrap_or_else(|p| p.into_inner())
+        *self
+            .live
+            .exit_code
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     fn host_pids(&self) -> Vec<u32> {

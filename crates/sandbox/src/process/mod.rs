@@ -16,8 +16,8 @@ use async_trait::async_trait;
 
 use crate::{ChannelLimits, Driver, DriverError, Sandbox, SandboxSpec, SweepReport};
 
-pub use cleanup::{mount_points, mounts_under};
 pub use cgroup::{CGROUP_ROOT, CONTROLLERS};
+pub use cleanup::{mount_points, mounts_under};
 
 /// Configuration of the process driver.
 #[derive(Debug, Clone)]
@@ -92,10 +92,11 @@ struct Inner {
 
 impl ProcessDriver {
     pub fn new(cfg: ProcessConfig) -> Result<Self, DriverError> {
-        let meta = std::fs::metadata(&cfg.guest_binary).map_err(|source| DriverError::GuestBinary {
-            path: cfg.guest_binary.clone(),
-            source,
-        })?;
+        let meta =
+            std::fs::metadata(&cfg.guest_binary).map_err(|source| DriverError::GuestBinary {
+                path: cfg.guest_binary.clone(),
+                source,
+            })?;
         if !meta.is_file() {
             return Err(DriverError::GuestBinary {
                 path: cfg.guest_binary.clone(),
@@ -103,7 +104,8 @@ impl ProcessDriver {
             });
         }
         check_overlay_path("state_dir", &cfg.state_dir)?;
-        std::fs::create_dir_all(&cfg.state_dir).map_err(DriverError::io("create", &cfg.state_dir))?;
+        std::fs::create_dir_all(&cfg.state_dir)
+            .map_err(DriverError::io("create", &cfg.state_dir))?;
         cgroup::ensure_parents(&cfg.cgroup_name)?;
         Ok(ProcessDriver {
             inner: Arc::new(Inner {
@@ -134,24 +136,39 @@ impl Driver for ProcessDriver {
         let cfg = self.inner.cfg.clone();
         tokio::task::spawn_blocking(move || cleanup::sweep(&cfg.cgroup_name, &cfg.state_dir))
             .await
-            .map_err(|_| DriverError::io("sweep", &self.inner.cfg.state_dir)(std::io::ErrorKind::Interrupted.into()))?
+            .map_err(|_| {
+                DriverError::io("sweep", &self.inner.cfg.state_dir)(
+                    std::io::ErrorKind::Interrupted.into(),
+                )
+            })?
     }
 }
 
 fn valid_id(id: &str) -> bool {
     (1..=64).contains(&id.len())
-        && id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
 /// Overlay options are comma- and colon-separated; such paths cannot be
 /// passed safely, so they are refused.
 fn check_overlay_path(field: &'static str, path: &Path) -> Result<(), DriverError> {
-    let text = path.to_str().ok_or(DriverError::InvalidSpec { field, reason: "is not UTF-8" })?;
+    let text = path.to_str().ok_or(DriverError::InvalidSpec {
+        field,
+        reason: "is not UTF-8",
+    })?;
     if !path.is_absolute() {
-        return Err(DriverError::InvalidSpec { field, reason: "is not absolute" });
+        return Err(DriverError::InvalidSpec {
+            field,
+            reason: "is not absolute",
+        });
     }
     if text.contains([',', ':', '\\', '\n']) {
-        return Err(DriverError::InvalidSpec { field, reason: "contains , : \\ or newline" });
+        return Err(DriverError::InvalidSpec {
+            field,
+            reason: "contains , : \\ or newline",
+        });
     }
     Ok(())
 }
@@ -162,15 +179,24 @@ fn validate(spec: &SandboxSpec) -> Result<(), DriverError> {
     }
     check_overlay_path("app_dir", &spec.app_dir)?;
     if !spec.app_dir.is_dir() {
-        return Err(DriverError::InvalidSpec { field: "app_dir", reason: "is not a directory" });
+        return Err(DriverError::InvalidSpec {
+            field: "app_dir",
+            reason: "is not a directory",
+        });
     }
     if let Some(venv) = &spec.venv_dir {
         if !venv.is_absolute() || !venv.is_dir() {
-            return Err(DriverError::InvalidSpec { field: "venv_dir", reason: "is not an absolute directory" });
+            return Err(DriverError::InvalidSpec {
+                field: "venv_dir",
+                reason: "is not an absolute directory",
+            });
         }
     }
     if spec.entrypoint.is_empty() {
-        return Err(DriverError::InvalidSpec { field: "entrypoint", reason: "is empty" });
+        return Err(DriverError::InvalidSpec {
+            field: "entrypoint",
+            reason: "is empty",
+        });
     }
     let l = &spec.limits;
     if !(l.vcpus > 0.0 && l.vcpus.is_finite()) || l.memory_bytes < 4 << 20 || l.pids < 2 {

@@ -18,6 +18,20 @@ pub const PYTHON: &str = "/usr/bin/python3";
 /// with pauses), /run (executes the posted python, returns `result`).
 pub const AGENT: &str = r#"
 import json, os, sys, time, traceback
+
+def open_fds():
+    fds = []
+    for fd in range(4096):
+        try:
+            os.fstat(fd)
+            fds.append(fd)
+        except OSError:
+            pass
+    return fds
+
+# Taken before anything opens a descriptor: what the agent was given.
+STARTUP = {"fds": open_fds(), "cwd": os.getcwd()}
+
 from http.server import ThreadingHTTPServer, BaseHTTPRequestHandler
 
 class H(BaseHTTPRequestHandler):
@@ -33,6 +47,10 @@ class H(BaseHTTPRequestHandler):
     def do_GET(self):
         if self.path == "/ping":
             return self.reply(200, {"status": "Healthy", "time_of_last_update": int(time.time())})
+        if self.path == "/startup":
+            return self.reply(200, STARTUP)
+        if self.path == "/whoami":
+            return self.reply(200, {"mark": os.environ.get("MARK")})
         if self.path.startswith("/stream"):
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
@@ -71,9 +89,15 @@ pub fn require_host() {
     );
     for c in berth_sandbox::process::CONTROLLERS {
         let p = Path::new(berth_sandbox::process::CGROUP_ROOT).join(c);
-        assert!(p.join("cgroup.procs").exists(), "cgroup v1 controller {c} missing at {p:?}");
+        assert!(
+            p.join("cgroup.procs").exists(),
+            "cgroup v1 controller {c} missing at {p:?}"
+        );
     }
-    assert!(Path::new(PYTHON).exists(), "{PYTHON} is needed for the test agents");
+    assert!(
+        Path::new(PYTHON).exists(),
+        "{PYTHON} is needed for the test agents"
+    );
 }
 
 /// Builds (once) and returns the dev guest binary.
@@ -83,20 +107,55 @@ pub fn guest_binary() -> PathBuf {
         if let Ok(p) = std::env::var("BERTH_GUEST_BINARY") {
             return PathBuf::from(p);
         }
+        let exe = std::env::current_exe().unwrap();
+        let bin = exe
+            .parent()
+            .unwrap()
+            .parent()
+            .unwrap()
+            .join("berth-guest-dev");
+        if up_to_date(&bin) {
+            return bin;
+        }
         let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../Cargo.toml");
         let status = std::process::Command::new(env!("CARGO"))
-            .args(["build", "-q", "-p", "berth-guest", "--bin", "berth-guest-dev", "--manifest-path"])
+            .args([
+                "build",
+                "-q",
+                "-p",
+                "berth-guest",
+                "--bin",
+                "berth-guest-dev",
+                "--manifest-path",
+            ])
             .arg(&manifest)
             .status()
             .expect("run cargo build for the guest");
         assert!(status.success(), "building berth-guest-dev failed");
-        let exe = std::env::current_exe().unwrap();
-        let dir = exe.parent().unwrap().parent().unwrap();
-        let bin = dir.join("berth-guest-dev");
         assert!(bin.exists(), "guest binary not found at {bin:?}");
         bin
     })
     .clone()
+}
+
+/// The binary is newer than every file of the guest crate.
+fn up_to_date(bin: &Path) -> bool {
+    let Ok(built) = std::fs::metadata(bin).and_then(|m| m.modified()) else {
+        return false;
+    };
+    let guest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest");
+    let mut stack = vec![guest];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+            let meta = entry.metadata().unwrap();
+            if meta.is_dir() {
+                stack.push(entry.path());
+            } else if meta.modified().unwrap() > built {
+                return false;
+            }
+        }
+    }
+    true
 }
 
 pub struct Env {
@@ -109,7 +168,10 @@ pub struct Env {
 pub fn env() -> Env {
     require_host();
     let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-    let state = tempfile::Builder::new().prefix("berth-state").tempdir().unwrap();
+    let state = tempfile::Builder::new()
+        .prefix("berth-state")
+        .tempdir()
+        .unwrap();
     let mut cfg = ProcessConfig::new(state.path(), guest_binary());
     cfg.cgroup_name = format!("berth-test-{}-{n}", std::process::id());
     cfg.uid_base = 300_000 + n * 2_000;
@@ -121,10 +183,11 @@ pub fn env() -> Env {
 
 impl Drop for Env {
     fn drop(&mut self) {
-        for dir in berth_sandbox::process::CONTROLLERS
-            .iter()
-            .map(|c| Path::new(berth_sandbox::process::CGROUP_ROOT).join(c).join(&self.cfg.cgroup_name))
-        {
+        for dir in berth_sandbox::process::CONTROLLERS.iter().map(|c| {
+            Path::new(berth_sandbox::process::CGROUP_ROOT)
+                .join(c)
+                .join(&self.cfg.cgroup_name)
+        }) {
             let _ = std::fs::remove_dir(dir);
         }
     }
@@ -132,7 +195,10 @@ impl Drop for Env {
 
 /// Writes the agent into a fresh app directory.
 pub fn app(code: &str) -> tempfile::TempDir {
-    let dir = tempfile::Builder::new().prefix("berth-app").tempdir().unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("berth-app")
+        .tempdir()
+        .unwrap();
     std::fs::write(dir.path().join("main.py"), code).unwrap();
     dir
 }
@@ -149,13 +215,19 @@ pub fn spec(prefix: &str, app: &Path) -> SandboxSpec {
         venv_dir: None,
         entrypoint: vec![PYTHON.into(), "main.py".into()],
         env: vec![("DOCKER_CONTAINER".into(), "1".into())],
-        limits: Limits { vcpus: 1.0, memory_bytes: 256 << 20, pids: 64 },
+        limits: Limits {
+            vcpus: 1.0,
+            memory_bytes: 256 << 20,
+            pids: 64,
+        },
         agent_port: 8080,
     }
 }
 
 pub fn body(bytes: impl Into<Bytes>) -> BoxBody {
-    Full::new(bytes.into()).map_err(|never| match never {}).boxed()
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
 }
 
 pub async fn call(sb: &Sandbox, method: &str, path: &str, data: &str) -> (StatusCode, Bytes) {
@@ -180,7 +252,10 @@ pub async fn wait_healthy(sb: &Sandbox) -> Duration {
                 return start.elapsed();
             }
         }
-        assert!(start.elapsed() < Duration::from_secs(20), "agent never became healthy");
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "agent never became healthy"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
@@ -189,7 +264,12 @@ pub async fn wait_healthy(sb: &Sandbox) -> Duration {
 pub async fn run_py(sb: &Sandbox, code: &str) -> serde_json::Value {
     let (status, bytes) = call(sb, "POST", "/run", code).await;
     let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
-    assert_eq!(status, StatusCode::OK, "python failed inside: {}", v["error"].as_str().unwrap_or(""));
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "python failed inside: {}",
+        v["error"].as_str().unwrap_or("")
+    );
     v["result"].clone()
 }
 
