@@ -1,6 +1,8 @@
 //! The session API: events, streams, usage, metrics, ownership (T1) and bad
 //! input (T27, T28).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 use common::*;
 use serde_json::{json, Value};
@@ -392,7 +394,10 @@ async fn bad_input_gets_clear_errors_and_berth_keeps_serving() {
     // so the 40 bytes the length claims are never taken as the body.
     let resp = raw(&url, format!("POST /v1/agents/echo/invocations HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nContent-Length: 40\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n0\r\n\r\n").as_bytes());
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
-    assert!(resp.contains("\"echo\": \"\""), "the body must be the empty chunked body: {resp}");
+    assert!(
+        resp.contains("\"echo\": \"\""),
+        "the body must be the empty chunked body: {resp}"
+    );
     // Slow client: a connection that never finishes its head is closed.
     let addr = url.trim_start_matches("http://").to_owned();
     let mut slow = std::net::TcpStream::connect(&addr).unwrap();

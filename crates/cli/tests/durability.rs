@@ -2,6 +2,8 @@
 //! a restart cleans up what the crash left, and a graceful stop stops
 //! every sandbox.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 use common::*;
 use serde_json::{json, Value};

@@ -1,5 +1,7 @@
 //! End to end: real binary, real sandboxes, real agents.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 use common::*;
 use serde_json::{json, Value};

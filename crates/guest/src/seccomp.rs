@@ -93,7 +93,7 @@ fn rule(conditions: Vec<SeccompCondition>) -> SeccompRule {
 
 fn deny_rules() -> BTreeMap<i64, Vec<SeccompRule>> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
-        DENIED.iter().map(|&nr| (nr as i64, Vec::new())).collect();
+        DENIED.iter().map(|&nr| (nr, Vec::new())).collect();
     // clone's first argument is the flag word on x86_64 and aarch64.
     let clone_rules = NAMESPACE_FLAGS
         .iter()
@@ -102,11 +102,11 @@ fn deny_rules() -> BTreeMap<i64, Vec<SeccompRule>> {
             rule(vec![cond(0, SeccompCmpArgLen::Qword, op, flag)])
         })
         .collect();
-    rules.insert(libc::SYS_clone as i64, clone_rules);
+    rules.insert(libc::SYS_clone, clone_rules);
     // personality: only the query (0xffffffff) and the default (0) are
     // allowed; other personas disable ASLR or change the syscall ABI.
     rules.insert(
-        libc::SYS_personality as i64,
+        libc::SYS_personality,
         vec![rule(vec![
             cond(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Ne, 0),
             cond(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Ne, 0xffff_ffff),
@@ -115,7 +115,7 @@ fn deny_rules() -> BTreeMap<i64, Vec<SeccompRule>> {
     // TIOCSTI injects input into a terminal; the agent has none, but a
     // terminal could be reachable through an inherited descriptor.
     rules.insert(
-        libc::SYS_ioctl as i64,
+        libc::SYS_ioctl,
         vec![rule(vec![cond(
             1,
             SeccompCmpArgLen::Dword,
@@ -137,7 +137,7 @@ pub fn programs() -> Result<Vec<BpfProgram>, seccompiler::BackendError> {
         ARCH,
     )?;
     let clone3 = SeccompFilter::new(
-        BTreeMap::from([(libc::SYS_clone3 as i64, Vec::new())]),
+        BTreeMap::from([(libc::SYS_clone3, Vec::new())]),
         SeccompAction::Allow,
         SeccompAction::Errno(libc::ENOSYS as u32),
         ARCH,

@@ -36,8 +36,7 @@ impl AgentCache {
 }
 
 fn spec_of(v: &VersionRecord) -> Result<AgentSpec, ApiError> {
-    let manifest: Manifest =
-        serde_json::from_str(&v.manifest_json).map_err(ApiError::internal)?;
+    let manifest: Manifest = serde_json::from_str(&v.manifest_json).map_err(ApiError::internal)?;
     let dir = std::path::PathBuf::from(&v.dir);
     let venv = dir.join("venv");
     Ok(AgentSpec {
@@ -61,7 +60,11 @@ pub async fn resolve(
             if let Some(spec) = state.agents.lock().get(agent) {
                 return Ok(spec.clone());
             }
-            let v = state.store.latest_version(agent).await?.ok_or_else(unknown)?;
+            let v = state
+                .store
+                .latest_version(agent)
+                .await?
+                .ok_or_else(unknown)?;
             let spec = Arc::new(spec_of(&v)?);
             state.agents.lock().insert(agent.clone(), spec.clone());
             Ok(spec)
@@ -73,9 +76,11 @@ pub async fn resolve(
                     "qualifier must be DEFAULT or a version number",
                 )
             })?;
-            let v = state.store.version(agent, n).await?.ok_or_else(|| {
-                ApiError::not_found(&format!("version {n} of agent {agent}"))
-            })?;
+            let v = state
+                .store
+                .version(agent, n)
+                .await?
+                .ok_or_else(|| ApiError::not_found(&format!("version {n} of agent {agent}")))?;
             Ok(Arc::new(spec_of(&v)?))
         }
     }
@@ -85,7 +90,10 @@ pub fn parse_agent(raw: &str) -> Result<AgentName, ApiError> {
     AgentName::parse(raw).map_err(|e| ApiError::bad_request("invalid_agent_name", e.to_string()))
 }
 
-pub async fn list(State(s): State<AppState>, _auth: Auth) -> Result<Json<serde_json::Value>, ApiError> {
+pub async fn list(
+    State(s): State<AppState>,
+    _auth: Auth,
+) -> Result<Json<serde_json::Value>, ApiError> {
     let agents = s.store.list_agents().await?;
     Ok(Json(serde_json::json!({ "agents": agents })))
 }
@@ -102,7 +110,9 @@ pub async fn show(
         .await?
         .ok_or_else(|| ApiError::not_found(&format!("agent {name}")))?;
     let versions = s.store.versions(&name).await?;
-    Ok(Json(serde_json::json!({ "agent": rec, "versions": versions })))
+    Ok(Json(
+        serde_json::json!({ "agent": rec, "versions": versions }),
+    ))
 }
 
 pub async fn remove(
@@ -133,7 +143,9 @@ pub async fn remove_version(
     let v = s.store.version(&name, version).await?;
     let found = v.is_some() && s.store.delete_version(&name, version).await?;
     if !found {
-        return Err(ApiError::not_found(&format!("version {version} of agent {name}")));
+        return Err(ApiError::not_found(&format!(
+            "version {version} of agent {name}"
+        )));
     }
     s.agents.invalidate(&name);
     if let Some(v) = v {
@@ -144,7 +156,11 @@ pub async fn remove_version(
 
 /// Installs an uploaded archive as a new version, streaming progress as
 /// NDJSON lines: `{"progress": ...}` then `{"version": ...}` or `{"error": ...}`.
-pub async fn deploy(State(s): State<AppState>, auth: Auth, body: Bytes) -> Result<Response, ApiError> {
+pub async fn deploy(
+    State(s): State<AppState>,
+    auth: Auth,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     auth.require_admin()?;
     let (tx, rx) = tokio::sync::mpsc::channel::<String>(64);
     let (out_tx, out_rx) = tokio::sync::mpsc::channel::<Result<String, std::io::Error>>(64);

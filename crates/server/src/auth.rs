@@ -60,7 +60,9 @@ impl FromRequestParts<AppState> for Auth {
             .map_err(ApiError::internal)?
             .filter(|r| !r.revoked)
             .ok_or_else(ApiError::unauthorized)?;
-        Ok(Auth(Principal::authenticated(rec.tenant, rec.user, rec.roles)))
+        Ok(Auth(Principal::authenticated(
+            rec.tenant, rec.user, rec.roles,
+        )))
     }
 }
 

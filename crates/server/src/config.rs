@@ -117,7 +117,9 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.max_header_bytes < 8192 {
-            return Err(ConfigError::Invalid("max_header_bytes must be at least 8192"));
+            return Err(ConfigError::Invalid(
+                "max_header_bytes must be at least 8192",
+            ));
         }
         if self.queue_depth == 0 || self.max_live_sessions == 0 {
             return Err(ConfigError::Invalid(

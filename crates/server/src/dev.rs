@@ -94,7 +94,8 @@ async fn deploy_examples(state: &AppState, dir: &Path) {
     for d in dirs.into_iter().filter(|d| d.join("berth.toml").is_file()) {
         let name = d.file_name().and_then(|n| n.to_str()).unwrap_or_default();
         if let Ok(agent) = AgentName::parse(name) {
-            if matches!(state.store.agent(&agent).await, Ok(Some(a)) if a.latest_version.is_some()) {
+            if matches!(state.store.agent(&agent).await, Ok(Some(a)) if a.latest_version.is_some())
+            {
                 continue;
             }
         }

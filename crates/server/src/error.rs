@@ -27,7 +27,11 @@ impl ApiError {
     }
 
     pub fn not_found(what: &str) -> Self {
-        Self::new(StatusCode::NOT_FOUND, "not_found", format!("{what} not found"))
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("{what} not found"),
+        )
     }
 
     pub fn session_not_found() -> Self {
@@ -71,7 +75,9 @@ impl From<SessionError> for ApiError {
             NotFound => Self::session_not_found(),
             AgentMismatch(_) => Self::new(StatusCode::CONFLICT, "session_agent_mismatch", msg),
             QueueFull(_) => Self::new(StatusCode::TOO_MANY_REQUESTS, "session_queue_full", msg),
-            TooManySessions(_) => Self::new(StatusCode::TOO_MANY_REQUESTS, "too_many_sessions", msg),
+            TooManySessions(_) => {
+                Self::new(StatusCode::TOO_MANY_REQUESTS, "too_many_sessions", msg)
+            }
             StartFailed(_) => Self::new(StatusCode::FAILED_DEPENDENCY, "agent_start_failed", msg),
             AgentUnreachable(_) => {
                 Self::new(StatusCode::FAILED_DEPENDENCY, "agent_unreachable", msg)

@@ -18,7 +18,13 @@ use std::time::Instant;
 pub const SESSION_HEADER: &str = "x-amzn-bedrock-agentcore-runtime-session-id";
 pub const REQUEST_HEADER: &str = "x-amzn-bedrock-agentcore-runtime-request-id";
 /// Headers every agent receives when the caller sends them.
-const PASSED: [&str; 5] = ["content-type", "accept", "traceparent", "tracestate", "baggage"];
+const PASSED: [&str; 5] = [
+    "content-type",
+    "accept",
+    "traceparent",
+    "tracestate",
+    "baggage",
+];
 const MAX_CUSTOM_HEADERS: usize = 20;
 const MAX_CUSTOM_VALUE: usize = 4096;
 /// Hop-by-hop headers never relayed from the agent.
@@ -89,7 +95,8 @@ pub fn session_id(headers: &HeaderMap) -> Result<SessionId, ApiError> {
             let s = v.to_str().map_err(|_| {
                 ApiError::bad_request("invalid_session_id", "session id must be ASCII")
             })?;
-            SessionId::parse(s).map_err(|e| ApiError::bad_request("invalid_session_id", e.to_string()))
+            SessionId::parse(s)
+                .map_err(|e| ApiError::bad_request("invalid_session_id", e.to_string()))
         }
     }
 }
@@ -139,7 +146,11 @@ async fn handle(
 
 /// Reads the payload within the body limit. Invocation bodies are the
 /// agent's business: they pass through byte for byte.
-async fn read_body(s: &AppState, headers: &HeaderMap, body: Body) -> Result<bytes::Bytes, ApiError> {
+async fn read_body(
+    s: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<bytes::Bytes, ApiError> {
     let limit = s.cfg.max_body_bytes;
     let too_large = || {
         ApiError::new(
@@ -238,7 +249,8 @@ mod tests {
 
     #[test]
     fn arns_name_agents() {
-        let a = agent_from_arn("arn:aws:bedrock-agentcore:us-east-1:123456789012:runtime/echo").unwrap();
+        let a = agent_from_arn("arn:aws:bedrock-agentcore:us-east-1:123456789012:runtime/echo")
+            .unwrap();
         assert_eq!(a.as_str(), "echo");
         assert_eq!(agent_from_arn("echo").unwrap().as_str(), "echo");
         assert!(agent_from_arn("arn:aws:s3:::bucket").is_err());
@@ -251,7 +263,10 @@ mod tests {
         assert!(session_id(&h).is_ok());
         h.insert(SESSION_HEADER, HeaderValue::from_static("short"));
         assert!(session_id(&h).is_err());
-        h.insert(SESSION_HEADER, HeaderValue::from_str(&"a".repeat(40)).unwrap());
+        h.insert(
+            SESSION_HEADER,
+            HeaderValue::from_str(&"a".repeat(40)).unwrap(),
+        );
         assert_eq!(session_id(&h).unwrap().as_str(), "a".repeat(40));
     }
 }

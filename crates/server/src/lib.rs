@@ -39,11 +39,14 @@ pub fn app(state: AppState) -> Router {
         .route("/metrics", get(metrics::render))
         .route(
             "/v1/agents",
-            get(agents::list).post(agents::deploy).layer(
-                axum::extract::DefaultBodyLimit::max(archive_limit),
-            ),
+            get(agents::list)
+                .post(agents::deploy)
+                .layer(axum::extract::DefaultBodyLimit::max(archive_limit)),
         )
-        .route("/v1/agents/{agent}", get(agents::show).delete(agents::remove))
+        .route(
+            "/v1/agents/{agent}",
+            get(agents::show).delete(agents::remove),
+        )
         .route(
             "/v1/agents/{agent}/versions/{version}",
             delete(agents::remove_version),
@@ -55,7 +58,10 @@ pub fn app(state: AppState) -> Router {
             post(sessions::agentcore_stop),
         )
         .route("/v1/sessions", get(sessions::list))
-        .route("/v1/sessions/{id}", get(sessions::show).delete(sessions::stop))
+        .route(
+            "/v1/sessions/{id}",
+            get(sessions::show).delete(sessions::stop),
+        )
         .route("/v1/sessions/{id}/events", get(sessions::events))
         .route("/v1/sessions/{id}/events/stream", get(sessions::stream))
         .route("/v1/usage", get(sessions::usage))

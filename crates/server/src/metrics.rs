@@ -54,7 +54,9 @@ impl Default for Metrics {
 }
 
 pub async fn render(State(s): State<AppState>) -> impl IntoResponse {
-    s.metrics.live_sessions.set(s.sessions.live_sessions() as i64);
+    s.metrics
+        .live_sessions
+        .set(s.sessions.live_sessions() as i64);
     let mut out = String::new();
     if let Err(e) = encode(&mut out, &s.metrics.registry) {
         return crate::error::ApiError::internal(e).into_response();

@@ -113,10 +113,12 @@ pub async fn run(cfg: Config) -> Result<(), ServerError> {
             addr: cfg.listen,
             source,
         })?;
-    let addr = listener.local_addr().map_err(|source| ServerError::Listen {
-        addr: cfg.listen,
-        source,
-    })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| ServerError::Listen {
+            addr: cfg.listen,
+            source,
+        })?;
     // Scripts and tests read the bound address from this line.
     println!("berth listening on http://{addr}");
     if cfg.dev {

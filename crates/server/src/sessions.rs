@@ -49,7 +49,11 @@ pub async fn list(
     };
     let filter = SessionFilter {
         agent: q.agent.as_deref().map(AgentName::parse).transpose()?,
-        user: q.user.as_deref().map(berth_core::UserId::parse).transpose()?,
+        user: q
+            .user
+            .as_deref()
+            .map(berth_core::UserId::parse)
+            .transpose()?,
         status,
         limit: q.limit.unwrap_or(PAGE_MAX).min(PAGE_MAX),
         ..Default::default()
@@ -87,14 +91,18 @@ pub async fn agentcore_stop(
     let raw = headers
         .get(SESSION_HEADER)
         .and_then(|v| v.to_str().ok())
-        .ok_or_else(|| ApiError::bad_request("invalid_session_id", "the session id header is required"))?;
+        .ok_or_else(|| {
+            ApiError::bad_request("invalid_session_id", "the session id header is required")
+        })?;
     let id = parse_session(raw)?;
     let rec = s.sessions.get(&who, &id).await?;
     if rec.agent != agent {
         return Err(ApiError::session_not_found());
     }
     let rec = s.sessions.stop(&who, &id).await?;
-    Ok(Json(serde_json::json!({ "runtimeSessionId": rec.id, "statusCode": 200 })))
+    Ok(Json(
+        serde_json::json!({ "runtimeSessionId": rec.id, "statusCode": 200 }),
+    ))
 }
 
 #[derive(Deserialize)]
@@ -219,7 +227,11 @@ pub async fn usage(
     let filter = UsageFilter {
         agent: q.agent.as_deref().map(AgentName::parse).transpose()?,
         session: q.session.as_deref().map(SessionId::parse).transpose()?,
-        user: q.user.as_deref().map(berth_core::UserId::parse).transpose()?,
+        user: q
+            .user
+            .as_deref()
+            .map(berth_core::UserId::parse)
+            .transpose()?,
         ..Default::default()
     };
     let group = q.group_by.unwrap_or(UsageGroup::Session);

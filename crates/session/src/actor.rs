@@ -27,14 +27,14 @@ pub(crate) type Reply = oneshot::Sender<Result<http::Response<TurnBody>, Reject>
 /// Why the actor did not run an invocation.
 pub(crate) enum Reject {
     /// The session ended before the turn; try again with a fresh activation.
-    Retry(Invocation),
+    Retry(Box<Invocation>),
     Error(SessionError),
 }
 
 /// Commands to a session actor. One channel, so their order holds.
 pub(crate) enum Command {
     /// Run a turn. Legal in every state; turns run one at a time in order.
-    Invoke { inv: Invocation, reply: Reply },
+    Invoke { inv: Box<Invocation>, reply: Reply },
     /// Terminate now. Legal in every state; the reply comes once the
     /// termination is in the log.
     Stop {
@@ -48,7 +48,7 @@ pub(crate) enum Command {
 pub(crate) enum Submit {
     Queued(oneshot::Receiver<Result<http::Response<TurnBody>, Reject>>),
     Full,
-    Gone(Invocation),
+    Gone(Box<Invocation>),
 }
 
 /// How the manager reaches an actor. The owner fields come from the log.
@@ -63,7 +63,7 @@ pub(crate) struct ActorHandle {
 }
 
 impl ActorHandle {
-    pub(crate) fn submit(&self, inv: Invocation, depth: usize) -> Submit {
+    pub(crate) fn submit(&self, inv: Box<Invocation>, depth: usize) -> Submit {
         // `queued` counts turns admitted but not yet started.
         if self.queued.fetch_add(1, Ordering::AcqRel) >= depth {
             self.queued.fetch_sub(1, Ordering::AcqRel);
@@ -200,7 +200,7 @@ struct Actor {
     queued: Arc<AtomicUsize>,
     done_tx: watch::Sender<bool>,
     clock: Clock,
-    pending: VecDeque<(Invocation, Reply)>,
+    pending: VecDeque<(Box<Invocation>, Reply)>,
     stop: Option<(TerminationReason, Option<String>)>,
     stop_waiters: Vec<oneshot::Sender<()>>,
     agent_busy: bool,
@@ -211,7 +211,10 @@ struct Actor {
 
 /// Result of a `/ping`.
 enum Health {
-    Healthy { busy: bool, last_update: Option<i64> },
+    Healthy {
+        busy: bool,
+        last_update: Option<i64>,
+    },
     Failed(String),
 }
 
@@ -252,7 +255,10 @@ impl Actor {
         let mut env: Vec<(String, String)> = vec![
             ("DOCKER_CONTAINER".into(), "1".into()),
             ("AWS_REGION".into(), self.shared.cfg.aws_region.clone()),
-            ("AWS_DEFAULT_REGION".into(), self.shared.cfg.aws_region.clone()),
+            (
+                "AWS_DEFAULT_REGION".into(),
+                self.shared.cfg.aws_region.clone(),
+            ),
         ];
         env.extend(m.env.iter().map(|(k, v)| (k.clone(), v.clone())));
         SandboxSpec {
@@ -358,7 +364,10 @@ impl Actor {
     /// Starts the next queued turn, if any. The log append of the request
     /// overlaps with forwarding it; the caller gets the response head only
     /// once the append is durable.
-    async fn start_turn(&mut self, sandbox: &Arc<Sandbox>) -> Option<BoxFuture<'static, TurnOutcome>> {
+    async fn start_turn(
+        &mut self,
+        sandbox: &Arc<Sandbox>,
+    ) -> Option<BoxFuture<'static, TurnOutcome>> {
         let (inv, reply) = self.pending.pop_front()?;
         self.queued.fetch_sub(1, Ordering::AcqRel);
         let status_ev = self.clock.set(SessionStatus::Active);
@@ -373,13 +382,7 @@ impl Actor {
             async move {
                 let started = Instant::now();
                 let request_id = inv.request_id.clone();
-                let logged = async {
-                    log.append(&id, epoch, received).await?;
-                    if let Some(ev) = status_ev {
-                        log.append(&id, epoch, ev).await?;
-                    }
-                    Ok::<_, berth_log::LogError>(())
-                };
+                let logged = append_all(&*log, &id, epoch, [Some(received), status_ev]);
                 let (logged, resp) = tokio::join!(logged, sandbox.request(inv.request));
                 run_turn(logged, resp, reply, request_id, started).await
             }
@@ -388,18 +391,21 @@ impl Actor {
     }
 
     async fn end_turn(&mut self, o: TurnOutcome) {
-        self.append(SessionEvent::InvocationCompleted {
+        let completed = SessionEvent::InvocationCompleted {
             request_id: o.request_id,
             status: o.status,
             bytes_out: o.stats.bytes_out,
             duration_ms: o.started.elapsed().as_secs_f64() * 1e3,
-        })
-        .await;
+        };
         self.clock.last_activity = Instant::now();
-        if self.pending.is_empty() && !self.agent_busy {
-            if let Some(ev) = self.clock.set(SessionStatus::Idle) {
-                self.append(ev).await;
-            }
+        let idle = if self.pending.is_empty() && !self.agent_busy {
+            self.clock.set(SessionStatus::Idle)
+        } else {
+            None
+        };
+        let log = self.shared.log.clone();
+        if let Err(e) = append_all(&*log, &self.id, self.epoch, [Some(completed), idle]).await {
+            tracing::error!(error = %e, "session log append failed");
         }
     }
 
@@ -494,7 +500,8 @@ impl Actor {
         usage.active_seconds = self.clock.active.as_secs_f64();
         usage.idle_seconds = self.clock.idle.as_secs_f64();
         self.append(SessionEvent::Usage(usage)).await;
-        self.append(SessionEvent::Terminated { reason, detail }).await;
+        self.append(SessionEvent::Terminated { reason, detail })
+            .await;
         tracing::info!(reason = reason.as_str(), "session terminated");
         self.shared.registry.remove(&self.id, self.epoch);
         let _ = self.done_tx.send(true);
@@ -509,9 +516,11 @@ impl Actor {
     fn reject_waiting(&mut self, reason: TerminationReason, start_error: Option<SessionError>) {
         let retry = !matches!(
             reason,
-            TerminationReason::Stopped | TerminationReason::Shutdown | TerminationReason::StartFailed
+            TerminationReason::Stopped
+                | TerminationReason::Shutdown
+                | TerminationReason::StartFailed
         );
-        let mut waiting: Vec<(Invocation, Reply)> = self.pending.drain(..).collect();
+        let mut waiting: Vec<(Box<Invocation>, Reply)> = self.pending.drain(..).collect();
         while let Ok(cmd) = self.rx.try_recv() {
             match cmd {
                 Command::Invoke { inv, reply } => waiting.push((inv, reply)),
@@ -533,6 +542,24 @@ impl Actor {
             let _ = reply.send(Err(r));
         }
     }
+}
+
+/// Appends events in order. All are handed to the log's writer before the
+/// first is awaited, so they share one group commit.
+async fn append_all<const N: usize>(
+    log: &dyn berth_log::SessionLog,
+    id: &SessionId,
+    epoch: u64,
+    events: [Option<SessionEvent>; N],
+) -> Result<(), berth_log::LogError> {
+    let appends = events
+        .into_iter()
+        .flatten()
+        .map(|ev| log.append(id, epoch, ev));
+    for r in futures_util::future::join_all(appends).await {
+        r?;
+    }
+    Ok(())
 }
 
 /// Forwards the response to the caller once the request is in the log, then
@@ -560,7 +587,9 @@ async fn run_turn(
     let resp = match resp {
         Ok(r) => r,
         Err(e) => {
-            let _ = reply.send(Err(Reject::Error(SessionError::AgentUnreachable(e.to_string()))));
+            let _ = reply.send(Err(Reject::Error(SessionError::AgentUnreachable(
+                e.to_string(),
+            ))));
             return failed(424);
         }
     };
@@ -594,7 +623,11 @@ const GUEST_ERROR_HEADER: &str = "x-berth-guest-error";
 /// The message of a guest's error answer, read within a small limit.
 async fn guest_error(resp: http::Response<hyper::body::Incoming>) -> String {
     let limited = http_body_util::Limited::new(resp.into_body(), 64 * 1024);
-    let bytes = limited.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+    let bytes = limited
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
     serde_json::from_slice::<serde_json::Value>(&bytes)
         .ok()
         .and_then(|v| v["message"].as_str().map(str::to_owned))
@@ -662,7 +695,9 @@ async fn wait_healthy(sandbox: &Sandbox, deadline: Instant) -> Result<(), String
     let mut last = String::from("no answer yet");
     loop {
         if *exited.borrow_and_update() {
-            return Err(format!("the agent exited before it became healthy ({last})"));
+            return Err(format!(
+                "the agent exited before it became healthy ({last})"
+            ));
         }
         match ping(sandbox).await {
             Health::Healthy { .. } => return Ok(()),
@@ -689,13 +724,19 @@ mod tests {
     fn ping_answers() {
         assert!(matches!(
             parse_ping(br#"{"status":"Healthy","time_of_last_update":5}"#),
-            Health::Healthy { busy: false, last_update: Some(5) }
+            Health::Healthy {
+                busy: false,
+                last_update: Some(5)
+            }
         ));
         assert!(matches!(
             parse_ping(br#"{"status":"HealthyBusy"}"#),
             Health::Healthy { busy: true, .. }
         ));
-        assert!(matches!(parse_ping(br#"{"status":"Sick"}"#), Health::Failed(_)));
+        assert!(matches!(
+            parse_ping(br#"{"status":"Sick"}"#),
+            Health::Failed(_)
+        ));
         assert!(matches!(parse_ping(b"not json"), Health::Failed(_)));
     }
 

@@ -160,7 +160,7 @@ impl SessionManager {
         agent: &AgentSpec,
         inv: Invocation,
     ) -> Result<http::Response<TurnBody>, SessionError> {
-        let mut inv = inv;
+        let mut inv = Box::new(inv);
         // An actor that is terminating hands the invocation back; the next
         // attempt finds the registry without it and activates afresh.
         for _ in 0..8 {
@@ -252,7 +252,11 @@ impl SessionManager {
     }
 
     /// The session's record, if `who` may see it.
-    pub async fn get(&self, who: &Principal, id: &SessionId) -> Result<SessionRecord, SessionError> {
+    pub async fn get(
+        &self,
+        who: &Principal,
+        id: &SessionId,
+    ) -> Result<SessionRecord, SessionError> {
         let rec = self
             .shared
             .log
@@ -267,7 +271,11 @@ impl SessionManager {
 
     /// Terminates the session's sandbox now. A session without a live
     /// sandbox is not found, as AgentCore's `StopRuntimeSession` says.
-    pub async fn stop(&self, who: &Principal, id: &SessionId) -> Result<SessionRecord, SessionError> {
+    pub async fn stop(
+        &self,
+        who: &Principal,
+        id: &SessionId,
+    ) -> Result<SessionRecord, SessionError> {
         let rec = self.get(who, id).await?;
         let handle = self
             .shared
