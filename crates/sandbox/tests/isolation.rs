@@ -1,4 +1,6 @@
 //! T6, T7, T8, T9, T11: what a process inside a sandbox can see and do.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::collections::HashSet;
