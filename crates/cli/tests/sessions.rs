@@ -310,3 +310,42 @@ async fn idle_sessions_are_reaped_with_a_recorded_reason() {
         .collect();
     assert!(reasons.iter().any(|r| *r == "max_lifetime"), "{reasons:?}");
 }
+
+/// The `bedrock-agentcore` SDK agent, installed from PyPI at deploy time,
+/// runs unmodified and answers with the session id berth gave it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agentcore_sdk_agent_runs_unmodified() {
+    let s = Server::start();
+    s.deploy_example("agentcore-sdk", None);
+    let c = s.client();
+    let id = sid("sdk");
+    let r = c
+        .post(format!("{}/runtimes/agentcore-sdk/invocations?qualifier=DEFAULT", s.url))
+        .bearer_auth(&s.admin_key)
+        .header(SESSION_HEADER, &id)
+        .json(&json!({"prompt": "berth"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["result"], "Hello berth");
+    assert_eq!(v["session_id"], id.as_str());
+    // AgentCore's StopRuntimeSession stops it at once; a second stop is 404.
+    let stop = c
+        .post(format!("{}/runtimes/agentcore-sdk/stopruntimesession?qualifier=DEFAULT", s.url))
+        .bearer_auth(&s.admin_key)
+        .header(SESSION_HEADER, &id)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stop.status(), 200);
+    let again = c
+        .post(format!("{}/runtimes/agentcore-sdk/stopruntimesession", s.url))
+        .bearer_auth(&s.admin_key)
+        .header(SESSION_HEADER, &id)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 404);
+}
