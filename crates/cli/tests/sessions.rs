@@ -320,7 +320,10 @@ async fn agentcore_sdk_agent_runs_unmodified() {
     let c = s.client();
     let id = sid("sdk");
     let r = c
-        .post(format!("{}/runtimes/agentcore-sdk/invocations?qualifier=DEFAULT", s.url))
+        .post(format!(
+            "{}/runtimes/agentcore-sdk/invocations?qualifier=DEFAULT",
+            s.url
+        ))
         .bearer_auth(&s.admin_key)
         .header(SESSION_HEADER, &id)
         .json(&json!({"prompt": "berth"}))
@@ -333,7 +336,10 @@ async fn agentcore_sdk_agent_runs_unmodified() {
     assert_eq!(v["session_id"], id.as_str());
     // AgentCore's StopRuntimeSession stops it at once; a second stop is 404.
     let stop = c
-        .post(format!("{}/runtimes/agentcore-sdk/stopruntimesession?qualifier=DEFAULT", s.url))
+        .post(format!(
+            "{}/runtimes/agentcore-sdk/stopruntimesession?qualifier=DEFAULT",
+            s.url
+        ))
         .bearer_auth(&s.admin_key)
         .header(SESSION_HEADER, &id)
         .send()
@@ -341,7 +347,10 @@ async fn agentcore_sdk_agent_runs_unmodified() {
         .unwrap();
     assert_eq!(stop.status(), 200);
     let again = c
-        .post(format!("{}/runtimes/agentcore-sdk/stopruntimesession", s.url))
+        .post(format!(
+            "{}/runtimes/agentcore-sdk/stopruntimesession",
+            s.url
+        ))
         .bearer_auth(&s.admin_key)
         .header(SESSION_HEADER, &id)
         .send()
