@@ -78,15 +78,7 @@ async fn graceful_shutdown_stops_every_sandbox() {
     );
     s.boot();
     for id in &ids {
-        let v: Value = c
-            .get(format!("{}/v1/sessions/{id}", s.url))
-            .bearer_auth(&s.admin_key)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v: Value = get_json(&c, &s, &s.admin_key, &format!("/v1/sessions/{id}")).await;
         assert_eq!(v["status"], "terminated");
         assert_eq!(v["termination_reason"], "shutdown");
     }
@@ -180,15 +172,7 @@ async fn t22_kill_9_loses_no_acknowledged_event() {
     }
     // The last restart swept the sandboxes the last crash left behind,
     // except those of sessions activated since.
-    let live: Value = c
-        .get(format!("{}/v1/sessions?status=idle", s.url))
-        .bearer_auth(&s.admin_key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let live: Value = get_json(&c, &s, &s.admin_key, "/v1/sessions?status=idle").await;
     assert!(
         leftover_cgroups(&s.cgroup).len() <= 3 * live["sessions"].as_array().map_or(0, Vec::len)
     );

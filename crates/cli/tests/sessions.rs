@@ -53,15 +53,7 @@ async fn turns_share_a_sandbox_and_sessions_never_do() {
         again["count"], 1,
         "after termination the session must start empty"
     );
-    let rec: Value = c
-        .get(format!("{}/v1/sessions/{a}", s.url))
-        .bearer_auth(&s.admin_key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let rec: Value = get_json(&c, &s, &s.admin_key, &format!("/v1/sessions/{a}")).await;
     assert_eq!(rec["epoch"], 2);
     assert_eq!(rec["activations"], 2);
 }
@@ -173,15 +165,7 @@ async fn crashed_agent_gives_424_and_next_request_gets_a_fresh_sandbox() {
         "the crashed session to terminate",
         Duration::from_secs(20),
         || async {
-            let v: Value = c
-                .get(format!("{}/v1/sessions/{id}", s.url))
-                .bearer_auth(&s.admin_key)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let v: Value = get_json(&c, &s, &s.admin_key, &format!("/v1/sessions/{id}")).await;
             v["status"] == "terminated"
         },
     )
@@ -256,15 +240,7 @@ async fn idle_sessions_are_reaped_with_a_recorded_reason() {
         200
     );
     wait_for("idle termination", Duration::from_secs(15), || async {
-        let v: Value = c
-            .get(format!("{}/v1/sessions/{idle}", s.url))
-            .bearer_auth(&s.admin_key)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v: Value = get_json(&c, &s, &s.admin_key, &format!("/v1/sessions/{idle}")).await;
         v["status"] == "terminated" && v["termination_reason"] == "idle_timeout"
     })
     .await;
@@ -274,15 +250,7 @@ async fn idle_sessions_are_reaped_with_a_recorded_reason() {
     let mut reason = Value::Null;
     while t0.elapsed() < Duration::from_secs(15) {
         invoke(&c, &s, &s.admin_key, "echo", &busy, json!({"sleep": 0.2})).await;
-        let v: Value = c
-            .get(format!("{}/v1/sessions/{busy}", s.url))
-            .bearer_auth(&s.admin_key)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v: Value = get_json(&c, &s, &s.admin_key, &format!("/v1/sessions/{busy}")).await;
         if v["activations"].as_u64() > Some(1) || v["termination_reason"] == "max_lifetime" {
             reason = json!("max_lifetime");
             break;
@@ -292,15 +260,8 @@ async fn idle_sessions_are_reaped_with_a_recorded_reason() {
         reason, "max_lifetime",
         "a busy session must still end at its max lifetime"
     );
-    let events: Value = c
-        .get(format!("{}/v1/sessions/{busy}/events", s.url))
-        .bearer_auth(&s.admin_key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let events: Value =
+        get_json(&c, &s, &s.admin_key, &format!("/v1/sessions/{busy}/events")).await;
     let reasons: Vec<&Value> = events["events"]
         .as_array()
         .unwrap()

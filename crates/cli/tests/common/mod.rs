@@ -270,3 +270,15 @@ where
     }
     panic!("timed out waiting for {what}");
 }
+
+/// GET `path` on the server with `key` and parse the JSON answer.
+pub async fn get_json(c: &reqwest::Client, s: &Server, key: &str, path: &str) -> serde_json::Value {
+    c.get(format!("{}{path}", s.url))
+        .bearer_auth(key)
+        .send()
+        .await
+        .expect("send GET")
+        .json()
+        .await
+        .expect("JSON answer")
+}
