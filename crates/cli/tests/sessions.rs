@@ -319,3 +319,70 @@ async fn agentcore_sdk_agent_runs_unmodified() {
         .unwrap();
     assert_eq!(again.status(), 404);
 }
+
+/// `HealthyBusy` keeps a session alive past its idle timeout (background
+/// work); an agent whose status never changes does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthy_busy_holds_off_the_idle_reaper() {
+    let s = Server::start();
+    let dir = tempfile::tempdir().unwrap();
+    let main = r#"
+import json, os, time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+BUSY_UNTIL = time.time() + 4.0
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *a): pass
+    def reply(self, obj):
+        b = json.dumps(obj).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(b)))
+        self.end_headers()
+        self.wfile.write(b)
+    def do_GET(self):
+        busy = time.time() < BUSY_UNTIL
+        self.reply({"status": "HealthyBusy" if busy else "Healthy", "time_of_last_update": 1000})
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.reply({"ok": True})
+ThreadingHTTPServer(("0.0.0.0", 8080), H).serve_forever()
+"#;
+    std::fs::write(dir.path().join("main.py"), main).unwrap();
+    std::fs::write(
+        dir.path().join("berth.toml"),
+        "name = \"busy\"\nentrypoint = [\"python3\", \"main.py\"]\n[lifecycle]\nidle_timeout_s = 1\n",
+    )
+    .unwrap();
+    let out = s.cli().arg("deploy").arg(dir.path()).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let c = s.client();
+    let id = sid("busy");
+    assert_eq!(
+        invoke(&c, &s, &s.admin_key, "busy", &id, json!({}))
+            .await
+            .status(),
+        200
+    );
+    // Busy for 4 s with a 1 s idle timeout: still alive at 2.5 s.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let v = get_json(&c, &s, &s.admin_key, &format!("/v1/sessions/{id}")).await;
+    assert_eq!(
+        v["status"], "active",
+        "HealthyBusy must keep the session alive: {v}"
+    );
+    // Then Healthy with a time_of_last_update that never changes: reaped.
+    wait_for(
+        "idle termination after the busy period",
+        Duration::from_secs(15),
+        || async {
+            let v = get_json(&c, &s, &s.admin_key, &format!("/v1/sessions/{id}")).await;
+            v["termination_reason"] == "idle_timeout"
+        },
+    )
+    .await;
+}
