@@ -416,3 +416,71 @@ async fn bad_input_gets_clear_errors_and_berth_keeps_serving() {
     let r = invoke(&c, &s, key, "echo", &sid("after"), json!({"ok": true})).await;
     assert_eq!(r.status(), 200);
 }
+
+/// Versions are immutable, DEFAULT follows the newest, and agents and
+/// versions can be listed, shown and deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn versions_default_and_deletion() {
+    let s = Server::start();
+    let v1 = s.deploy_example("echo", None);
+    let v2 = s.deploy_example(
+        "echo",
+        Some("name = \"echo\"\nentrypoint = [\"python3\", \"main.py\"]\n[env]\nAWS_REGION = \"eu-west-1\"\n"),
+    );
+    assert_eq!((v1, v2), (1, 2));
+    let c = s.client();
+    let key = &s.admin_key;
+    let region = |v: Value| {
+        v["env"]["AWS_REGION"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let r = invoke(&c, &s, key, "echo", &sid("v-default"), json!({})).await;
+    assert_eq!(
+        region(r.json().await.unwrap()),
+        "eu-west-1",
+        "DEFAULT must be the newest version"
+    );
+    let r = c
+        .post(format!("{}/v1/agents/echo/invocations?qualifier=1", s.url))
+        .bearer_auth(key)
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(region(r.json().await.unwrap()), "us-east-1");
+    let shown = get_json(&c, &s, key, "/v1/agents/echo").await;
+    assert_eq!(shown["versions"].as_array().unwrap().len(), 2);
+    let out = s
+        .cli()
+        .args(["agents", "rm", "echo", "--version", "2"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = invoke(&c, &s, key, "echo", &sid("v-after-rm"), json!({})).await;
+    assert_eq!(
+        region(r.json().await.unwrap()),
+        "us-east-1",
+        "DEFAULT falls back to version 1"
+    );
+    let out = s.cli().args(["agents", "ls", "--json"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"echo\""));
+    let out = s.cli().args(["agents", "rm", "echo"]).output().unwrap();
+    assert!(out.status.success());
+    let r = invoke(&c, &s, key, "echo", &sid("v-gone"), json!({})).await;
+    assert_eq!(r.status(), 404);
+    // Non-admins may not deploy.
+    let user = s.create_key("acme", "plain", false);
+    let r = c
+        .delete(format!("{}/v1/agents/echo", s.url))
+        .bearer_auth(&user)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+}
