@@ -69,6 +69,8 @@ pub struct Config {
     /// Name of berth's cgroup in each v1 controller; start-up sweeps every
     /// sandbox cgroup under it (default "berth").
     pub sandbox_cgroup: String,
+    /// Accept bearer JWTs of this OIDC issuer (default: none).
+    pub oidc: Option<crate::auth::oidc::OidcConfig>,
 }
 
 impl Default for Config {
@@ -93,6 +95,7 @@ impl Default for Config {
             sandbox_uid_count: 10_000,
             sandbox_tmp_mb: 256,
             sandbox_cgroup: "berth".into(),
+            oidc: None,
         }
     }
 }

@@ -29,6 +29,8 @@ pub struct AppState {
     pub deploy: Arc<deploy::DeployConfig>,
     pub agents: Arc<agents::AgentCache>,
     pub metrics: Arc<metrics::Metrics>,
+    pub oidc: Option<Arc<auth::oidc::OidcVerifier>>,
+    pub sigv4: Arc<auth::sigv4::SigV4Verifier>,
 }
 
 /// The whole HTTP API.
@@ -66,5 +68,9 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/sessions/{id}/events/stream", get(sessions::stream))
         .route("/v1/usage", get(sessions::usage))
         .fallback(|| async { error::ApiError::not_found("route") })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::layer,
+        ))
         .with_state(state)
 }

@@ -37,6 +37,8 @@ pub enum ServerError {
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
+    #[error("authentication setup failed: {0}")]
+    Auth(String),
     #[error("dev setup failed: {0}")]
     Dev(String),
     #[error(transparent)]
@@ -91,9 +93,19 @@ async fn build_state(cfg: Config) -> Result<AppState, ServerError> {
         min_lifetime_s: cfg.min_lifetime_s,
         ..ManifestPolicy::default()
     };
+    let oidc = match &cfg.oidc {
+        Some(o) => Some(Arc::new(
+            crate::auth::oidc::OidcVerifier::new(o.clone())
+                .map_err(|e| ServerError::Auth(e.to_string()))?,
+        )),
+        None => None,
+    };
+    let sigv4 = Arc::new(crate::auth::sigv4::SigV4Verifier::new(store.clone()));
     let mut cfg = cfg;
     cfg.data_dir = data;
     Ok(AppState {
+        oidc,
+        sigv4,
         store,
         sessions,
         cfg: Arc::new(cfg),
