@@ -123,6 +123,8 @@ pub(crate) fn spawn(
     let actor = Actor {
         shared,
         id,
+        tenant,
+        user,
         epoch,
         agent,
         rx,
@@ -193,6 +195,8 @@ impl Clock {
 struct Actor {
     shared: Arc<Shared>,
     id: SessionId,
+    tenant: TenantId,
+    user: UserId,
     epoch: u64,
     agent: AgentSpec,
     rx: mpsc::Receiver<Command>,
@@ -368,8 +372,9 @@ impl Actor {
         &mut self,
         sandbox: &Arc<Sandbox>,
     ) -> Option<BoxFuture<'static, TurnOutcome>> {
-        let (inv, reply) = self.pending.pop_front()?;
+        let (mut inv, reply) = self.pending.pop_front()?;
         self.queued.fetch_sub(1, Ordering::AcqRel);
+        self.add_token(&mut inv.request);
         let status_ev = self.clock.set(SessionStatus::Active);
         let received = SessionEvent::InvocationReceived {
             request_id: inv.request_id.clone(),
@@ -388,6 +393,25 @@ impl Actor {
             }
             .boxed(),
         )
+    }
+
+    /// Puts this activation's workload token on the request; the caller
+    /// cannot supply one of its own.
+    fn add_token(&self, req: &mut http::Request<BoxBody>) {
+        req.headers_mut().remove(WORKLOAD_TOKEN_HEADER);
+        let Some(tokens) = &self.shared.cfg.tokens else {
+            return;
+        };
+        let token = tokens.mint(
+            &self.tenant,
+            &self.user,
+            &self.agent.name,
+            &self.id,
+            self.epoch,
+        );
+        if let Some(v) = token.and_then(|t| http::HeaderValue::from_str(&t).ok()) {
+            req.headers_mut().insert(WORKLOAD_TOKEN_HEADER, v);
+        }
     }
 
     async fn end_turn(&mut self, o: TurnOutcome) {
@@ -615,6 +639,9 @@ async fn run_turn(
         started,
     }
 }
+
+/// The header carrying the activation's workload token (CONTRACTS.md §1).
+const WORKLOAD_TOKEN_HEADER: &str = "workloadaccesstoken";
 
 /// Set by the guest on its own answers (the agent cannot set it: the guest
 /// strips it from the agent's responses).

@@ -1,7 +1,25 @@
+use berth_core::{AgentName, SessionId, TenantId, UserId};
+use std::sync::Arc;
 use std::time::Duration;
 
+/// Mints the short-lived token an activation's agent receives in the
+/// `WorkloadAccessToken` header on every request (never in its environment
+/// or files).
+pub trait WorkloadTokens: Send + Sync + 'static {
+    /// A token naming (tenant, user, agent, session, epoch), or `None` when
+    /// tokens are off.
+    fn mint(
+        &self,
+        tenant: &TenantId,
+        user: &UserId,
+        agent: &AgentName,
+        session: &SessionId,
+        epoch: u64,
+    ) -> Option<String>;
+}
+
 /// Limits and timings of the session layer. Each field's doc gives its default.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct SessionConfig {
     /// Queued invocations per session beyond the running one (default 16).
     pub queue_depth: usize,
@@ -17,6 +35,8 @@ pub struct SessionConfig {
     pub stop_grace: Duration,
     /// The value of `AWS_REGION` in every sandbox (default "us-east-1").
     pub aws_region: String,
+    /// Workload tokens for agents (default: none).
+    pub tokens: Option<Arc<dyn WorkloadTokens>>,
 }
 
 impl Default for SessionConfig {
@@ -29,6 +49,7 @@ impl Default for SessionConfig {
             ping_failures: 3,
             stop_grace: Duration::from_secs(15),
             aws_region: "us-east-1".to_owned(),
+            tokens: None,
         }
     }
 }

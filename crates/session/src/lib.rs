@@ -12,6 +12,6 @@ mod expiry;
 mod manager;
 
 pub use body::{TurnBody, TurnStats};
-pub use config::SessionConfig;
+pub use config::{SessionConfig, WorkloadTokens};
 pub use error::SessionError;
 pub use manager::{AgentSpec, Invocation, RecoveryReport, SessionManager};
