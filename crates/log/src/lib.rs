@@ -38,9 +38,14 @@
 // Tests may unwrap: a panic there is a failed test.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+mod audit;
 mod catalog;
 mod sqlite;
 
+pub use audit::{
+    bound as bound_audit_field, AuditDraft, AuditFilter, AuditOutcome, AuditRecord,
+    MAX_AUDIT_FIELD_BYTES,
+};
 pub use catalog::{AgentRecord, ApiKeyRecord, VersionRecord};
 pub use sqlite::{SqliteConfig, SqliteLog};
 

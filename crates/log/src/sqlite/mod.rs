@@ -1,5 +1,6 @@
 //! The SQLite backend: one writer thread, group commit, WAL readers.
 
+mod audit;
 mod catalog;
 mod keys;
 mod ops;
@@ -38,6 +39,10 @@ pub struct SqliteConfig {
     /// The largest the database may grow, in pages (default: no limit beyond
     /// SQLite's own). A write past it fails, and the log closes.
     pub max_pages: Option<u64>,
+    /// Audit events kept; past it the oldest are dropped (default 1,000,000).
+    /// Failed authentications are audited and anyone can cause them, so the
+    /// table needs a bound of its own.
+    pub max_audit_rows: u64,
 }
 
 impl Default for SqliteConfig {
@@ -48,6 +53,7 @@ impl Default for SqliteConfig {
             subscriber_buffer: 4096,
             busy_timeout: Duration::from_secs(5),
             max_pages: None,
+            max_audit_rows: 1_000_000,
         }
     }
 }
@@ -65,6 +71,7 @@ struct Inner {
     reads: ReadPool,
     events: broadcast::Sender<SessionId>,
     shared: Arc<Shared>,
+    max_audit_rows: u64,
 }
 
 impl Drop for Inner {
@@ -121,6 +128,7 @@ impl SqliteLog {
             reads,
             events,
             shared,
+            max_audit_rows: config.max_audit_rows,
         };
         Ok(SqliteLog {
             inner: Arc::new(inner),

@@ -70,6 +70,22 @@ CREATE TABLE IF NOT EXISTS api_keys (
     revoked       INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS api_keys_tenant ON api_keys (tenant, created_at_ms);
+
+-- Audit events; tenant and user are NULL for a failed authentication.
+-- AUTOINCREMENT keeps ids from being reused after old rows are pruned, so a
+-- reader's `after` cursor never skips.
+CREATE TABLE IF NOT EXISTS audit (
+    id      INTEGER PRIMARY KEY AUTOINCREMENT,
+    at_ms   INTEGER NOT NULL,
+    tenant  TEXT,
+    user_id TEXT,
+    action  TEXT NOT NULL,
+    target  TEXT,
+    outcome TEXT NOT NULL,
+    reason  TEXT,
+    source  TEXT
+);
+CREATE INDEX IF NOT EXISTS audit_tenant ON audit (tenant, id);
 ";
 
 /// Settings every connection gets. WAL lets readers run beside the writer;

@@ -3,8 +3,8 @@
 //! replies only after the commit.
 
 use super::keys::KeyCache;
-use super::ops;
-use crate::{Activation, ApiKeyRecord, LogError, VersionRecord};
+use super::{audit, ops};
+use crate::{Activation, ApiKeyRecord, AuditDraft, LogError, VersionRecord};
 use berth_core::{now_ms, AgentName, SessionEvent, SessionId, TenantId, UserId};
 use rusqlite::{Connection, ErrorCode, Savepoint, Transaction, TransactionBehavior};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -18,6 +18,12 @@ pub(super) type Reply<T> = oneshot::Sender<Result<T, LogError>>;
 pub(super) enum Command {
     Session(SessionCommand),
     Catalog(CatalogCommand),
+    /// Store one audit event, then drop all but the newest `keep`.
+    Audit {
+        draft: AuditDraft,
+        keep: u64,
+        reply: Reply<u64>,
+    },
 }
 
 pub(super) enum SessionCommand {
@@ -80,6 +86,7 @@ impl Command {
             Command::Catalog(CatalogCommand::DeleteAgent { reply, .. }) => refuse(reply, err),
             Command::Catalog(CatalogCommand::InsertApiKey { reply, .. }) => refuse(reply, err),
             Command::Catalog(CatalogCommand::RevokeApiKey { reply, .. }) => refuse(reply, err),
+            Command::Audit { reply, .. } => refuse(reply, err),
         }
     }
 }
@@ -189,6 +196,10 @@ fn run_command(
     match cmd {
         Command::Session(cmd) => run_session(sp, cmd, now, batch),
         Command::Catalog(cmd) => run_catalog(sp, cmd, now, batch),
+        Command::Audit { draft, keep, reply } => {
+            let r = audit::insert(&sp, &draft, keep, now);
+            batch.settle(sp, reply, r, None)
+        }
     }
 }
 
