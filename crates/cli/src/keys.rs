@@ -6,11 +6,13 @@ use crate::Global;
 use anyhow::{Context, Result};
 use berth_core::{Role, TenantId, UserId};
 use berth_log::{ApiKeyRecord, SqliteLog};
+use berth_server::auth::sigv4;
 use serde_json::{json, Value};
 
 #[derive(clap::Subcommand)]
 pub enum KeysCmd {
-    /// Create a key; it is printed once and only its hash is stored.
+    /// Create a key; it is printed once and only its hash is stored. The
+    /// output also gives the key's SigV4 pair (access key id and secret).
     Create {
         #[arg(long)]
         tenant: String,
@@ -74,6 +76,10 @@ async fn create(
     let user = UserId::parse(user).context("--user")?;
     let roles: Vec<Role> = roles.into_iter().map(Role::from).collect();
     let (key, record) = berth_server::auth::new_api_key(tenant, user, roles);
+    let dir = g.data_dir();
+    let master = sigv4::load_or_create_master(&dir)
+        .with_context(|| format!("reading the SigV4 master key in {}", dir.display()))?;
+    let (access_key_id, secret_access_key) = sigv4::credentials(&master, &record.id);
     log.insert_api_key(&record)
         .await
         .context("storing the key")?;
@@ -84,10 +90,14 @@ async fn create(
             "tenant": record.tenant,
             "user": record.user,
             "roles": record.roles,
+            "access_key_id": access_key_id,
+            "secret_access_key": secret_access_key,
         }));
     }
     out(format!(
-        "created key {} for {}/{}; it is shown only once:\n{key}",
+        "created key {} for {}/{}; it is shown only once:\n{key}\n\
+         SigV4 (AWS SDK) credentials of the same key:\n\
+         aws_access_key_id = {access_key_id}\naws_secret_access_key = {secret_access_key}",
         record.id, record.tenant, record.user
     ))
 }

@@ -100,7 +100,13 @@ async fn build_state(cfg: Config) -> Result<AppState, ServerError> {
         )),
         None => None,
     };
-    let sigv4 = Arc::new(crate::auth::sigv4::SigV4Verifier::new(store.clone()));
+    let master = crate::auth::sigv4::load_or_create_master(&data)
+        .map_err(|e| ServerError::Auth(format!("SigV4 master key: {e}")))?;
+    let sigv4 = Arc::new(crate::auth::sigv4::SigV4Verifier::new(
+        store.clone(),
+        master,
+        crate::auth::sigv4::SigV4Config::default(),
+    ));
     let mut cfg = cfg;
     cfg.data_dir = data;
     Ok(AppState {

@@ -159,6 +159,17 @@ impl SqliteLog {
         Ok(found)
     }
 
+    /// The key with this id, revoked or not (the caller checks). Always read
+    /// from the database, so a revocation is seen at once.
+    pub async fn api_key_by_id(&self, id: &str) -> Result<Option<ApiKeyRecord>, LogError> {
+        let owned = id.to_owned();
+        self.read(move |conn| {
+            let sql = format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = ?1");
+            Ok(query(conn, &sql, [owned.as_str()], key_from_row)?.pop())
+        })
+        .await
+    }
+
     /// Revokes the key; true if it exists. In force when this returns.
     pub async fn revoke_api_key(&self, id: &str) -> Result<bool, LogError> {
         self.call(|reply| {
