@@ -7,8 +7,12 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
-    /// Sees and stops every session of its tenant, deploys agents.
+    /// Sees and stops every session of its tenant, deploys agents, and may
+    /// act for the tenant's users.
     Admin,
+    /// May name the user it acts for with
+    /// `X-Amzn-Bedrock-AgentCore-Runtime-User-Id` (a trusted front end).
+    ActForUsers,
 }
 
 /// The authenticated caller: a user of a tenant, with roles.
@@ -46,6 +50,18 @@ impl Principal {
 
     pub fn is_admin(&self) -> bool {
         self.roles.contains(&Role::Admin)
+    }
+
+    /// May this principal name another user of its tenant to act for?
+    pub fn may_act_for_users(&self) -> bool {
+        self.is_admin() || self.roles.contains(&Role::ActForUsers)
+    }
+
+    /// The principal of `user` in this principal's tenant, when this
+    /// principal may act for users. The delegate keeps no roles of its own.
+    pub fn act_for(&self, user: UserId) -> Option<Principal> {
+        self.may_act_for_users()
+            .then(|| Principal::authenticated(self.tenant.clone(), user, Vec::new()))
     }
 
     /// May this principal act on a session owned by `tenant`/`user`?

@@ -84,6 +84,12 @@ impl From<SessionError> for ApiError {
             }
             Terminated(_) => Self::new(StatusCode::CONFLICT, "session_terminated", msg),
             ShuttingDown => Self::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", msg),
+            Quota(berth_session::QuotaError::Sessions { .. }) => {
+                Self::new(StatusCode::PAYMENT_REQUIRED, "quota_exceeded", msg)
+            }
+            Quota(berth_session::QuotaError::Rate { .. }) => {
+                Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", msg)
+            }
             Log(e) => e.into(),
             Driver(e) => Self::internal(e),
         }

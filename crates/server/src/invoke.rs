@@ -101,6 +101,31 @@ pub fn session_id(headers: &HeaderMap) -> Result<SessionId, ApiError> {
     }
 }
 
+pub const USER_HEADER: &str = "x-amzn-bedrock-agentcore-runtime-user-id";
+
+/// The principal a request acts as: the caller, or the user it names in
+/// the user-id header when its role allows acting for users.
+fn acting_principal(
+    who: berth_core::Principal,
+    headers: &HeaderMap,
+) -> Result<berth_core::Principal, ApiError> {
+    let Some(v) = headers.get(USER_HEADER) else {
+        return Ok(who);
+    };
+    let user = v
+        .to_str()
+        .ok()
+        .and_then(|u| berth_core::UserId::parse(u).ok())
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_user_id",
+                "the user id header is not a valid user id",
+            )
+        })?;
+    who.act_for(user)
+        .ok_or_else(|| ApiError::forbidden("this principal may not act for other users"))
+}
+
 async fn handle(
     s: AppState,
     Auth(who): Auth,
@@ -110,6 +135,7 @@ async fn handle(
     body: Body,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
+    let who = acting_principal(who, &headers)?;
     let sid = session_id(&headers)?;
     let spec = resolve(&s, &agent, qualifier.as_deref()).await?;
     let payload = read_body(&s, &headers, body).await?;
@@ -212,6 +238,10 @@ fn agent_request(
             ));
         }
         out.append(name.clone(), v.clone());
+    }
+    // Present only when `acting_principal` honoured it.
+    if let Some(v) = headers.get(USER_HEADER) {
+        out.insert(HeaderName::from_static(USER_HEADER), v.clone());
     }
     let hv = |s: &str| HeaderValue::from_str(s).map_err(ApiError::internal);
     out.insert(HeaderName::from_static(SESSION_HEADER), hv(sid.as_str())?);

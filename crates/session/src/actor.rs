@@ -15,7 +15,7 @@ use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
 use http_body_util::BodyExt;
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -60,9 +60,16 @@ pub(crate) struct ActorHandle {
     tx: mpsc::Sender<Command>,
     queued: Arc<AtomicUsize>,
     done: watch::Receiver<bool>,
+    /// False while the session is idle: with `idle_sessions_count = false`
+    /// an idle session holds no quota slot.
+    busy: Arc<AtomicBool>,
 }
 
 impl ActorHandle {
+    pub(crate) fn holds_slot(&self, idle_counts: bool) -> bool {
+        idle_counts || self.busy.load(Ordering::Acquire)
+    }
+
     pub(crate) fn submit(&self, inv: Box<Invocation>, depth: usize) -> Submit {
         // `queued` counts turns admitted but not yet started.
         if self.queued.fetch_add(1, Ordering::AcqRel) >= depth {
@@ -109,6 +116,7 @@ pub(crate) fn spawn(
     // Room for the queued turns plus control commands.
     let (tx, rx) = mpsc::channel(shared.cfg.queue_depth + 16);
     let queued = Arc::new(AtomicUsize::new(0));
+    let busy = Arc::new(AtomicBool::new(true));
     let (done_tx, done) = watch::channel(false);
     let handle = Arc::new(ActorHandle {
         tenant: tenant.clone(),
@@ -118,6 +126,7 @@ pub(crate) fn spawn(
         tx: tx.clone(),
         queued: queued.clone(),
         done,
+        busy: busy.clone(),
     });
     let span = tracing::info_span!("session", tenant = %tenant, session = %id, epoch);
     let actor = Actor {
@@ -125,6 +134,7 @@ pub(crate) fn spawn(
         id,
         tenant,
         user,
+        busy,
         epoch,
         agent,
         rx,
@@ -197,6 +207,7 @@ struct Actor {
     id: SessionId,
     tenant: TenantId,
     user: UserId,
+    busy: Arc<AtomicBool>,
     epoch: u64,
     agent: AgentSpec,
     rx: mpsc::Receiver<Command>,
@@ -306,7 +317,7 @@ impl Actor {
             agent_ms,
         })
         .await;
-        if let Some(ev) = self.clock.set(SessionStatus::Idle) {
+        if let Some(ev) = self.set_status(SessionStatus::Idle) {
             self.append(ev).await;
         }
         tracing::info!(sandbox_ms, agent_ms, "sandbox started");
@@ -375,7 +386,7 @@ impl Actor {
         let (mut inv, reply) = self.pending.pop_front()?;
         self.queued.fetch_sub(1, Ordering::AcqRel);
         self.add_token(&mut inv.request);
-        let status_ev = self.clock.set(SessionStatus::Active);
+        let status_ev = self.set_status(SessionStatus::Active);
         let received = SessionEvent::InvocationReceived {
             request_id: inv.request_id.clone(),
             bytes_in: inv.bytes_in,
@@ -393,6 +404,15 @@ impl Actor {
             }
             .boxed(),
         )
+    }
+
+    /// Moves the status clock, keeping the quota flag in step; returns the
+    /// event to log if the status changed.
+    fn set_status(&mut self, to: SessionStatus) -> Option<SessionEvent> {
+        let ev = self.clock.set(to);
+        self.busy
+            .store(self.clock.status != SessionStatus::Idle, Ordering::Release);
+        ev
     }
 
     /// Puts this activation's workload token on the request; the caller
@@ -423,7 +443,7 @@ impl Actor {
         };
         self.clock.last_activity = Instant::now();
         let idle = if self.pending.is_empty() && !self.agent_busy {
-            self.clock.set(SessionStatus::Idle)
+            self.set_status(SessionStatus::Idle)
         } else {
             None
         };
@@ -459,7 +479,7 @@ impl Actor {
                 if busy {
                     self.clock.last_activity = Instant::now();
                 }
-                if let Some(ev) = self.clock.set(to) {
+                if let Some(ev) = self.set_status(to) {
                     self.append(ev).await;
                 }
             }

@@ -35,6 +35,8 @@ pub struct SessionConfig {
     pub stop_grace: Duration,
     /// The value of `AWS_REGION` in every sandbox (default "us-east-1").
     pub aws_region: String,
+    /// Per-tenant and per-user quotas.
+    pub quotas: crate::quota::QuotaConfig,
     /// Workload tokens for agents (default: none).
     pub tokens: Option<Arc<dyn WorkloadTokens>>,
 }
@@ -50,6 +52,7 @@ impl Default for SessionConfig {
             stop_grace: Duration::from_secs(15),
             aws_region: "us-east-1".to_owned(),
             tokens: None,
+            quotas: crate::quota::QuotaConfig::default(),
         }
     }
 }

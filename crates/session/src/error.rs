@@ -26,6 +26,9 @@ pub enum SessionError {
     /// The session was terminated while the request waited or ran.
     #[error("session was terminated ({0}) before the request completed")]
     Terminated(&'static str),
+    /// A quota of the caller's tenant or user refused the request.
+    #[error(transparent)]
+    Quota(#[from] crate::quota::QuotaError),
     /// berth is shutting down.
     #[error("berth is shutting down")]
     ShuttingDown,

@@ -10,8 +10,10 @@ mod config;
 mod error;
 mod expiry;
 mod manager;
+mod quota;
 
 pub use body::{TurnBody, TurnStats};
 pub use config::{SessionConfig, WorkloadTokens};
 pub use error::SessionError;
 pub use manager::{AgentSpec, Invocation, RecoveryReport, SessionManager};
+pub use quota::{QuotaConfig, QuotaError};

@@ -7,6 +7,7 @@ use crate::body::TurnBody;
 use crate::config::SessionConfig;
 use crate::error::SessionError;
 use crate::expiry::ExpiryHandle;
+use crate::quota::{LiveCounts, Quotas};
 use berth_core::manifest::Manifest;
 use berth_core::{
     AgentName, EventRecord, Principal, RequestId, SessionEvent, SessionId, TerminationReason,
@@ -76,6 +77,21 @@ impl Registry {
         self.lock().len()
     }
 
+    /// Live sessions holding a quota slot, of `who`'s tenant and of `who`.
+    fn counts(&self, who: &Principal, idle_counts: bool) -> LiveCounts {
+        let live = self.lock();
+        let mut c = LiveCounts { tenant: 0, user: 0 };
+        for h in live.values() {
+            if h.tenant == *who.tenant() && h.holds_slot(idle_counts) {
+                c.tenant += 1;
+                if h.user == *who.user() {
+                    c.user += 1;
+                }
+            }
+        }
+        c
+    }
+
     fn all(&self) -> Vec<Arc<ActorHandle>> {
         self.lock().values().cloned().collect()
     }
@@ -87,6 +103,7 @@ pub(crate) struct Shared {
     pub cfg: SessionConfig,
     pub expiry: ExpiryHandle,
     pub registry: Registry,
+    pub quotas: Quotas,
 }
 
 /// Cheap handle to the session layer.
@@ -107,6 +124,7 @@ fn not_found(e: LogError) -> SessionError {
 impl SessionManager {
     pub fn new(log: Arc<dyn SessionLog>, driver: Arc<dyn Driver>, cfg: SessionConfig) -> Self {
         let shared = Shared {
+            quotas: Quotas::new(cfg.quotas.clone()),
             log,
             driver,
             cfg,
@@ -160,6 +178,7 @@ impl SessionManager {
         agent: &AgentSpec,
         inv: Invocation,
     ) -> Result<http::Response<TurnBody>, SessionError> {
+        self.shared.quotas.invocation(who)?;
         let mut inv = Box::new(inv);
         // An actor that is terminating hands the invocation back; the next
         // attempt finds the registry without it and activates afresh.
@@ -222,6 +241,11 @@ impl SessionManager {
         if self.shared.registry.len() >= max {
             return Err(SessionError::TooManySessions(max));
         }
+        let counts = self
+            .shared
+            .registry
+            .counts(who, self.shared.quotas.idle_sessions_count());
+        self.shared.quotas.creation(who, counts)?;
         if let Some(rec) = self.shared.log.session(id).await? {
             if rec.tenant != *who.tenant() || rec.user != *who.user() {
                 return Err(SessionError::NotFound);
