@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 mod agents;
+mod audit;
 mod client;
 mod doctor;
 mod invoke;
@@ -91,6 +92,8 @@ enum Command {
     Usage(sessions::UsageArgs),
     /// Check what this host supports for sandboxing.
     Doctor,
+    /// Authentication failures, denied accesses and admin actions.
+    Audit(audit::AuditArgs),
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -105,6 +108,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Logs(args) => logs::run(g, args).await,
         Command::Usage(args) => sessions::usage(g, args).await,
         Command::Doctor => doctor::run(g),
+        Command::Audit(args) => audit::run(g, args).await,
     }
 }
 

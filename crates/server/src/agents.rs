@@ -120,13 +120,14 @@ pub async fn remove(
     auth: Auth,
     Path(agent): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    auth.require_admin()?;
+    auth.require_admin(&s, &agent)?;
     let name = parse_agent(&agent)?;
     let versions = s.store.versions(&name).await?;
     if !s.store.delete_agent(&name).await? {
         return Err(ApiError::not_found(&format!("agent {name}")));
     }
     s.agents.invalidate(&name);
+    crate::audit::allowed(&s, &auth.0, "agent.delete", name.as_str());
     for v in versions {
         deploy::remove(std::path::Path::new(&v.dir)).await;
     }
@@ -138,7 +139,7 @@ pub async fn remove_version(
     auth: Auth,
     Path((agent, version)): Path<(String, u64)>,
 ) -> Result<StatusCode, ApiError> {
-    auth.require_admin()?;
+    auth.require_admin(&s, &format!("{agent}@{version}"))?;
     let name = parse_agent(&agent)?;
     let v = s.store.version(&name, version).await?;
     let found = v.is_some() && s.store.delete_version(&name, version).await?;
@@ -148,6 +149,12 @@ pub async fn remove_version(
         )));
     }
     s.agents.invalidate(&name);
+    crate::audit::allowed(
+        &s,
+        &auth.0,
+        "agent.version.delete",
+        &format!("{name}@{version}"),
+    );
     if let Some(v) = v {
         deploy::remove(std::path::Path::new(&v.dir)).await;
     }
@@ -161,7 +168,7 @@ pub async fn deploy(
     auth: Auth,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    auth.require_admin()?;
+    auth.require_admin(&s, "agent deploy")?;
     let (tx, rx) = tokio::sync::mpsc::channel::<String>(64);
     let (out_tx, out_rx) = tokio::sync::mpsc::channel::<Result<String, std::io::Error>>(64);
     let relay = out_tx.clone();
@@ -175,7 +182,9 @@ pub async fn deploy(
         }
     });
     tokio::spawn(async move {
-        let last = match install(&s, &body, tx).await {
+        let result = install(&s, &body, tx).await;
+        crate::audit::deployed(&s, &auth.0, &result);
+        let last = match result {
             Ok(v) => serde_json::json!({ "version": v }),
             Err(e) => serde_json::json!({ "error": { "code": e.code, "message": e.message } }),
         };

@@ -1,6 +1,7 @@
 //! berth's server: the HTTP API (axum), authentication, configuration, and
 //! the wiring of the store, the session manager and the sandbox driver.
 
+pub mod audit;
 pub mod auth;
 pub mod config;
 pub mod deploy;
@@ -67,6 +68,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/sessions/{id}/events", get(sessions::events))
         .route("/v1/sessions/{id}/events/stream", get(sessions::stream))
         .route("/v1/usage", get(sessions::usage))
+        .route("/v1/audit", get(audit::list))
         .fallback(|| async { error::ApiError::not_found("route") })
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),

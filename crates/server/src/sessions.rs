@@ -77,7 +77,9 @@ pub async fn stop(
     Path(id): Path<String>,
 ) -> Result<Json<berth_log::SessionRecord>, ApiError> {
     let id = parse_session(&id)?;
-    Ok(Json(s.sessions.stop(&who, &id).await?))
+    let rec = s.sessions.stop(&who, &id).await?;
+    crate::audit::stopped(&s, &who, &rec);
+    Ok(Json(rec))
 }
 
 /// AgentCore's `StopRuntimeSession`: the session id comes in its header.
@@ -100,6 +102,7 @@ pub async fn agentcore_stop(
         return Err(ApiError::session_not_found());
     }
     let rec = s.sessions.stop(&who, &id).await?;
+    crate::audit::stopped(&s, &who, &rec);
     Ok(Json(
         serde_json::json!({ "runtimeSessionId": rec.id, "statusCode": 200 }),
     ))

@@ -150,11 +150,12 @@ pub struct Auth(pub Principal);
 impl FromRequestParts<AppState> for Auth {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, _state: &AppState) -> Result<Self, ApiError> {
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         match parts.extensions.get::<Verdict>() {
             Some(Verdict(Ok(p))) => Ok(Auth(p.clone())),
             Some(Verdict(Err(Refusal(reason)))) => {
                 tracing::info!(reason, path = %parts.uri.path(), "authentication refused");
+                crate::audit::refused(state, parts, reason);
                 Err(ApiError::unauthorized())
             }
             None => Err(ApiError::unauthorized()),
@@ -163,10 +164,13 @@ impl FromRequestParts<AppState> for Auth {
 }
 
 impl Auth {
-    pub fn require_admin(&self) -> Result<(), ApiError> {
+    /// Refuses (and audits the refusal) unless the caller is an admin;
+    /// `target` names what was attempted, for the audit log.
+    pub fn require_admin(&self, state: &AppState, target: &str) -> Result<(), ApiError> {
         if self.0.is_admin() {
             Ok(())
         } else {
+            crate::audit::denied(state, &self.0, target, "needs the admin role");
             Err(ApiError::forbidden("this action needs the admin role"))
         }
     }
