@@ -100,8 +100,10 @@ async fn t22_kill_9_loses_no_acknowledged_event() {
     let mut acked: HashMap<String, Vec<String>> = HashMap::new();
     for cycle in 0..50u64 {
         let mut tasks = Vec::new();
+        let acks = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         for id in ids.clone() {
             let (c, url, key) = (c.clone(), s.url.clone(), s.admin_key.clone());
+            let acks = acks.clone();
             tasks.push(tokio::spawn(async move {
                 let mut got = Vec::new();
                 for _ in 0..200 {
@@ -120,12 +122,20 @@ async fn t22_kill_9_loses_no_acknowledged_event() {
                         break;
                     };
                     got.push(v["request_id"].as_str().unwrap_or_default().to_owned());
+                    acks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
                 (id, got)
             }));
         }
-        // Kill at a different point of each cycle.
-        tokio::time::sleep(Duration::from_millis(150 + (cycle * 37) % 400)).await;
+        // Once turns flow (sandboxes start slower on a loaded machine),
+        // kill at a different point of each cycle.
+        let started = Instant::now();
+        while acks.load(std::sync::atomic::Ordering::Relaxed) < 4
+            && started.elapsed() < Duration::from_secs(30)
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(20 + (cycle * 37) % 300)).await;
         s.kill9();
         for t in tasks {
             let (id, got) = t.await.unwrap();

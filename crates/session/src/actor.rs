@@ -12,7 +12,7 @@ use berth_core::{
 use berth_sandbox::{BoxBody, Limits, Sandbox, SandboxSpec};
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
-use futures_util::FutureExt;
+use futures_util::{FutureExt, StreamExt};
 use http_body_util::BodyExt;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -130,6 +130,7 @@ pub(crate) fn spawn(
     });
     let span = tracing::info_span!("session", tenant = %tenant, session = %id, epoch);
     let actor = Actor {
+        log_tail: futures_util::stream::FuturesOrdered::new(),
         shared,
         id,
         tenant,
@@ -203,6 +204,9 @@ impl Clock {
 }
 
 struct Actor {
+    /// Log appends already handed to the writer whose commit is awaited
+    /// off the turn's path, in order.
+    log_tail: futures_util::stream::FuturesOrdered<BoxFuture<'static, ()>>,
     shared: Arc<Shared>,
     id: SessionId,
     tenant: TenantId,
@@ -257,7 +261,7 @@ impl Actor {
         self.finish(Some(sandbox), None).await;
     }
 
-    async fn append(&self, ev: SessionEvent) {
+    async fn append(&mut self, ev: SessionEvent) {
         if let Err(e) = self.shared.log.append(&self.id, self.epoch, ev).await {
             // A stale epoch or a closed log means this activation may no
             // longer act; the serve loop stops on the next check.
@@ -340,6 +344,7 @@ impl Actor {
                 break;
             }
             tokio::select! {
+                Some(()) = self.log_tail.next(), if !self.log_tail.is_empty() => {}
                 cmd = self.rx.recv() => match cmd {
                     Some(cmd) => self.command(cmd),
                     None => self.stop = Some((TerminationReason::Shutdown, None)),
@@ -447,9 +452,19 @@ impl Actor {
         } else {
             None
         };
-        let log = self.shared.log.clone();
-        if let Err(e) = append_all(&*log, &self.id, self.epoch, [Some(completed), idle]).await {
-            tracing::error!(error = %e, "session log append failed");
+        // The next turn need not wait for this commit: hand the events to
+        // the writer now (the first poll sends them, which fixes their
+        // order before the next turn's events) and let the serve loop
+        // finish the wait.
+        let (log, id, epoch) = (self.shared.log.clone(), self.id.clone(), self.epoch);
+        let mut tail: BoxFuture<'static, ()> = async move {
+            if let Err(e) = append_all(&*log, &id, epoch, [Some(completed), idle]).await {
+                tracing::error!(error = %e, "session log append failed");
+            }
+        }
+        .boxed();
+        if futures_util::poll!(&mut tail).is_pending() {
+            self.log_tail.push_back(tail);
         }
     }
 
@@ -522,6 +537,7 @@ impl Actor {
             .take()
             .unwrap_or((TerminationReason::Shutdown, None));
         self.shared.expiry.cancel(&self.id, self.epoch);
+        while self.log_tail.next().await.is_some() {}
         // Closing first makes new submissions bounce (`Submit::Gone`); the
         // manager then waits for `done` before it activates again, so this
         // activation's last events are written under its own epoch.
