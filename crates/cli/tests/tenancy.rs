@@ -186,3 +186,87 @@ async fn t4_terminated_ids_stay_with_their_owner() {
         "the refused attempts must not have activated it"
     );
 }
+
+/// T2, scaled for CI: tenants x clients write unique canaries through their
+/// own sessions over a shared, shrunk connection pool, with 10% of the
+/// requests cancelled mid-flight; no response or stream frame ever carries
+/// another client's canary. (The full 50 x 20 run: set BERTH_T2_TENANTS=50
+/// and BERTH_T2_CLIENTS=20.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t2_no_canary_crosses_sessions() {
+    let env = |k: &str, d: usize| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let (tenants, clients) = (env("BERTH_T2_TENANTS", 6), env("BERTH_T2_CLIENTS", 4));
+    let s = Server::start_with("max_live_sessions = 1000\nqueue_depth = 64");
+    s.deploy_example("echo", None);
+    // One small pool for everyone forces connection reuse across tenants.
+    let c = reqwest::Client::builder()
+        .pool_max_idle_per_host(2)
+        .build()
+        .unwrap();
+    let mut tasks = Vec::new();
+    for t in 0..tenants {
+        for u in 0..clients {
+            let key = s.create_key(&format!("t2-tenant-{t}"), &format!("user-{u}"), false);
+            let (c, url) = (c.clone(), s.url.clone());
+            tasks.push(tokio::spawn(async move {
+                let me = format!("CANARY-{t}-{u}-");
+                let id = sid(&format!("t2-{t}-{u}"));
+                let mut seen_ok = 0;
+                for n in 0..12 {
+                    let canary = format!("{me}{n}");
+                    let req = c
+                        .post(format!("{url}/v1/agents/echo/invocations"))
+                        .bearer_auth(&key)
+                        .header(SESSION_HEADER, &id)
+                        .json(&json!({"canary": canary, "sleep": if n % 10 == 3 { 0.5 } else { 0.0 }}))
+                        .send();
+                    // Every tenth request is abandoned mid-flight.
+                    let r = if n % 10 == 3 {
+                        let _ = tokio::time::timeout(std::time::Duration::from_millis(100), req).await;
+                        continue;
+                    } else {
+                        req.await.unwrap()
+                    };
+                    let body = r.text().await.unwrap();
+                    for other in body.match_indices("CANARY-") {
+                        assert!(body[other.0..].starts_with(&me), "foreign canary in {body}");
+                    }
+                    if body.contains(&canary) {
+                        seen_ok += 1;
+                    }
+                }
+                // The event stream of the session carries only this client's data.
+                let mut stream = c
+                    .get(format!("{url}/v1/sessions/{id}/events/stream?after=0"))
+                    .bearer_auth(&key)
+                    .send()
+                    .await
+                    .unwrap();
+                let mut frames = String::new();
+                while let Ok(Ok(Some(ch))) =
+                    tokio::time::timeout(std::time::Duration::from_millis(300), stream.chunk()).await
+                {
+                    frames.push_str(&String::from_utf8_lossy(&ch));
+                }
+                assert!(frames.contains(&format!("\"session_id\":\"{id}\"")), "{frames}");
+                for line in frames.lines().filter(|l| l.starts_with("data:")) {
+                    assert!(line.contains(&id), "a frame of another session: {line}");
+                }
+                seen_ok
+            }));
+        }
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.unwrap();
+    }
+    assert!(
+        total >= tenants * clients * 9,
+        "too few answered turns: {total}"
+    );
+}
