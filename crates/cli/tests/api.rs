@@ -190,6 +190,8 @@ async fn t1_foreign_sessions_look_missing_everywhere() {
     let owner = s.create_key("tenant-a", "alice", false);
     let same_tenant = s.create_key("tenant-a", "bob", false);
     let other = s.create_key("tenant-b", "mallory", true);
+    // T3: the same user name in another tenant must not match the owner.
+    let namesake = s.create_key("tenant-b", "alice", false);
     let real = sid("t1-real");
     let canary = "CANARY-4f1d9e";
     let r = invoke(&c, &s, &owner, "echo", &real, json!({"secret": canary})).await;
@@ -197,8 +199,8 @@ async fn t1_foreign_sessions_look_missing_everywhere() {
     let mut requests = 0;
     let missing = sid("t1-missing");
     let mut reference: Option<(u16, String)> = None;
-    for round in 0..500 {
-        for key in [&other, &same_tenant] {
+    for round in 0..350 {
+        for key in [&other, &same_tenant, &namesake] {
             for id in [&real, &missing] {
                 let paths = [
                     ("GET", format!("/v1/sessions/{id}")),
