@@ -71,6 +71,13 @@ pub struct Config {
     pub sandbox_cgroup: String,
     /// Accept bearer JWTs of this OIDC issuer (default: none).
     pub oidc: Option<crate::auth::oidc::OidcConfig>,
+    /// Lifetime of the workload token an agent gets on each request, in
+    /// seconds (default 900; 1 to 86400).
+    pub workload_token_ttl_s: u64,
+    /// Age at which the workload signing key is replaced, in seconds; the
+    /// previous key still verifies. At least `workload_token_ttl_s`
+    /// (default 604800, a week).
+    pub workload_key_rotation_s: u64,
 }
 
 impl Default for Config {
@@ -96,6 +103,8 @@ impl Default for Config {
             sandbox_tmp_mb: 256,
             sandbox_cgroup: "berth".into(),
             oidc: None,
+            workload_token_ttl_s: 900,
+            workload_key_rotation_s: 7 * 86_400,
         }
     }
 }
@@ -131,6 +140,16 @@ impl Config {
         }
         if self.ping_interval_ms < 10 {
             return Err(ConfigError::Invalid("ping_interval_ms must be at least 10"));
+        }
+        if !(1..=86_400).contains(&self.workload_token_ttl_s) {
+            return Err(ConfigError::Invalid(
+                "workload_token_ttl_s must be between 1 and 86400",
+            ));
+        }
+        if self.workload_key_rotation_s < self.workload_token_ttl_s {
+            return Err(ConfigError::Invalid(
+                "workload_key_rotation_s must be at least workload_token_ttl_s",
+            ));
         }
         Ok(())
     }

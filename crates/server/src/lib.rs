@@ -6,6 +6,7 @@ pub mod auth;
 pub mod config;
 pub mod deploy;
 pub mod error;
+pub mod workload;
 
 mod agents;
 mod dev;
@@ -32,6 +33,7 @@ pub struct AppState {
     pub metrics: Arc<metrics::Metrics>,
     pub oidc: Option<Arc<auth::oidc::OidcVerifier>>,
     pub sigv4: Arc<auth::sigv4::SigV4Verifier>,
+    pub workload: Arc<workload::WorkloadTokenService>,
 }
 
 /// The whole HTTP API.
@@ -39,6 +41,8 @@ pub fn app(state: AppState) -> Router {
     let archive_limit = state.deploy.max_archive_bytes as usize;
     Router::new()
         .route("/health", get(|| async { "ok" }))
+        .route("/.well-known/jwks.json", get(workload::jwks))
+        .route("/v1/workload/verify", post(workload::verify))
         .route("/metrics", get(metrics::render))
         .route(
             "/v1/agents",

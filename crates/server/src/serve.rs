@@ -75,12 +75,20 @@ async fn build_state(cfg: Config) -> Result<AppState, ServerError> {
     pcfg.tmp_size_mb = cfg.sandbox_tmp_mb;
     pcfg.cgroup_name = cfg.sandbox_cgroup.clone();
     let driver = ProcessDriver::new(pcfg)?;
+    let workload = crate::workload::WorkloadTokenService::open(
+        &data.join("workload-keys"),
+        cfg.workload_token_ttl_s,
+        cfg.workload_key_rotation_s,
+    )
+    .map_err(|e| ServerError::Auth(e.to_string()))?;
+    workload.spawn_rotation();
     let scfg = SessionConfig {
         queue_depth: cfg.queue_depth,
         max_live_sessions: cfg.max_live_sessions,
         ping_interval: Duration::from_millis(cfg.ping_interval_ms),
         stop_grace: Duration::from_secs(cfg.stop_grace_s),
         aws_region: cfg.aws_region.clone(),
+        tokens: Some(workload.clone()),
         ..SessionConfig::default()
     };
     let sessions = SessionManager::new(store.clone(), Arc::new(driver), scfg);
@@ -112,6 +120,7 @@ async fn build_state(cfg: Config) -> Result<AppState, ServerError> {
     Ok(AppState {
         oidc,
         sigv4,
+        workload,
         store,
         sessions,
         cfg: Arc::new(cfg),
