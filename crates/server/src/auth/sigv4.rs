@@ -13,6 +13,10 @@
 //! percent-encoded is signed double-encoded), and refuses a signature that is
 //! stale, from the future, for another service, made with an unknown or
 //! revoked key, over a different body, or seen before within the window.
+//!
+//! The replay rule has a cost: boto3 does not sign a per-call nonce, so two
+//! calls identical in every signed byte (same session, same payload) within
+//! the same second carry the same signature, and the second is refused.
 
 use berth_core::Principal;
 use hmac::{Hmac, Mac};
