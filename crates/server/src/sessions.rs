@@ -88,7 +88,7 @@ pub async fn agentcore_stop(
     Auth(who): Auth,
     Path(arn): Path<String>,
     headers: HeaderMap,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<impl axum::response::IntoResponse, ApiError> {
     let agent = agent_from_arn(&arn)?;
     let raw = headers
         .get(SESSION_HEADER)
@@ -103,8 +103,11 @@ pub async fn agentcore_stop(
     }
     let rec = s.sessions.stop(&who, &id).await?;
     crate::audit::stopped(&s, &who, &rec);
-    Ok(Json(
-        serde_json::json!({ "runtimeSessionId": rec.id, "statusCode": 200 }),
+    // boto3 reads the session id back from the header, as for invocations.
+    let echo = [(SESSION_HEADER, rec.id.to_string())];
+    Ok((
+        echo,
+        Json(serde_json::json!({ "runtimeSessionId": rec.id, "statusCode": 200 })),
     ))
 }
 
