@@ -69,6 +69,8 @@ pub struct Config {
     /// Name of berth's cgroup in each v1 controller; start-up sweeps every
     /// sandbox cgroup under it (default "berth").
     pub sandbox_cgroup: String,
+    /// Per-tenant and per-user quotas.
+    pub quotas: Quotas,
     /// Accept bearer JWTs of this OIDC issuer (default: none).
     pub oidc: Option<crate::auth::oidc::OidcConfig>,
     /// Lifetime of the workload token an agent gets on each request, in
@@ -105,6 +107,59 @@ impl Default for Config {
             oidc: None,
             workload_token_ttl_s: 900,
             workload_key_rotation_s: 7 * 86_400,
+            quotas: Quotas::default(),
+        }
+    }
+}
+
+/// The `[quotas]` section; 0 means unlimited. Over a session count a
+/// request gets 402, over a rate 429, and no sandbox is started.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Quotas {
+    /// Live sessions per tenant (default 1000).
+    pub tenant_sessions: u32,
+    /// Live sessions per user (default 1000).
+    pub user_sessions: u32,
+    /// New sessions per minute per tenant (default 6000).
+    pub tenant_creations_per_minute: u32,
+    /// New sessions per minute per user (default 6000).
+    pub user_creations_per_minute: u32,
+    /// Invocations per second per tenant (default 50000).
+    pub tenant_invocations_per_second: u32,
+    /// Invocations per second per user (default 20000).
+    pub user_invocations_per_second: u32,
+    /// Whether idle sessions hold a slot in the session counts (default true).
+    pub idle_sessions_count: bool,
+}
+
+impl Default for Quotas {
+    fn default() -> Self {
+        let d = berth_session::QuotaConfig::default();
+        let n = |v: Option<u32>| v.unwrap_or(0);
+        Self {
+            tenant_sessions: n(d.tenant_sessions),
+            user_sessions: n(d.user_sessions),
+            tenant_creations_per_minute: n(d.tenant_creations_per_minute),
+            user_creations_per_minute: n(d.user_creations_per_minute),
+            tenant_invocations_per_second: n(d.tenant_invocations_per_second),
+            user_invocations_per_second: n(d.user_invocations_per_second),
+            idle_sessions_count: d.idle_sessions_count,
+        }
+    }
+}
+
+impl Quotas {
+    pub fn to_session(&self) -> berth_session::QuotaConfig {
+        let some = |v: u32| (v > 0).then_some(v);
+        berth_session::QuotaConfig {
+            tenant_sessions: some(self.tenant_sessions),
+            user_sessions: some(self.user_sessions),
+            tenant_creations_per_minute: some(self.tenant_creations_per_minute),
+            user_creations_per_minute: some(self.user_creations_per_minute),
+            tenant_invocations_per_second: some(self.tenant_invocations_per_second),
+            user_invocations_per_second: some(self.user_invocations_per_second),
+            idle_sessions_count: self.idle_sessions_count,
         }
     }
 }

@@ -88,6 +88,7 @@ async fn build_state(cfg: Config) -> Result<AppState, ServerError> {
         ping_interval: Duration::from_millis(cfg.ping_interval_ms),
         stop_grace: Duration::from_secs(cfg.stop_grace_s),
         aws_region: cfg.aws_region.clone(),
+        quotas: cfg.quotas.to_session(),
         tokens: Some(workload.clone()),
         ..SessionConfig::default()
     };
