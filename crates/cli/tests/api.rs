@@ -379,6 +379,20 @@ async fn bad_input_gets_clear_errors_and_berth_keeps_serving() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(all.contains("colour"), "{all}");
+    // An isolation this server cannot run is refused at deploy.
+    std::fs::write(
+        dir.path().join("berth.toml"),
+        "name = \"echo\"\nentrypoint = [\"python3\", \"main.py\"]\nisolation = \"microvm\"\n",
+    )
+    .unwrap();
+    let out = s.cli().arg("deploy").arg(dir.path()).output().unwrap();
+    assert!(!out.status.success());
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(all.contains("substrate_unavailable"), "{all}");
     // T28: CR, LF and NUL in ids and names are rejected, never reflected.
     let url = s.url.clone();
     for bad in ["%0d%0aX-Injected:%201", "abc%00def", "a%0a"] {

@@ -216,6 +216,18 @@ async fn install(
     let installed = deploy::install(&s.deploy, archive, progress)
         .await
         .map_err(|e| ApiError::bad_request(e.code(), e.to_string()))?;
+    let wanted = installed.manifest.isolation;
+    if wanted.as_str() != s.sessions.substrate() {
+        deploy::remove(&installed.dir).await;
+        return Err(ApiError::bad_request(
+            "substrate_unavailable",
+            format!(
+                "the agent asks for isolation \"{}\", but this server runs only \"{}\" sandboxes",
+                wanted.as_str(),
+                s.sessions.substrate()
+            ),
+        ));
+    }
     let manifest_json = serde_json::to_string(&installed.manifest).map_err(ApiError::internal)?;
     let dir = installed.dir.to_string_lossy().into_owned();
     let v = s
