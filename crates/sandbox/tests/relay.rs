@@ -89,32 +89,3 @@ fn now_secs() -> f64 {
         .unwrap()
         .as_secs_f64()
 }
-
-/// Median over 50 starts of spawn -> guest answered, and -> agent healthy.
-/// Prints the numbers (run with --nocapture to see them).
-#[tokio::test]
-async fn start_time_median() {
-    init_tracing();
-    let env = env();
-    let app = app(AGENT);
-    let (mut guest, mut healthy) = (Vec::new(), Vec::new());
-    for _ in 0..50 {
-        let t = Instant::now();
-        let sb = env.driver.start(spec("bench", app.path())).await.unwrap();
-        guest.push(sb.start_time());
-        wait_healthy(&sb).await;
-        healthy.push(t.elapsed());
-        sb.terminate(Duration::from_secs(1)).await.unwrap();
-    }
-    guest.sort();
-    healthy.sort();
-    eprintln!(
-        "sandbox start (spawn -> guest ready): median {:?}, min {:?}, max {:?}",
-        guest[25], guest[0], guest[49]
-    );
-    eprintln!(
-        "start -> agent /ping healthy: median {:?}, min {:?}, max {:?}",
-        healthy[25], healthy[0], healthy[49]
-    );
-    assert!(guest[25] < Duration::from_millis(500));
-}
