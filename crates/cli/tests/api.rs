@@ -267,6 +267,20 @@ async fn t1_foreign_sessions_look_missing_everywhere() {
     assert!(!list.contains(&real));
 }
 
+/// Deploys echo with `manifest`, expects a refusal, returns the CLI's output.
+fn deploy_refusal(s: &Server, manifest: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&examples().join("echo"), dir.path());
+    std::fs::write(dir.path().join("berth.toml"), manifest).unwrap();
+    let out = s.cli().arg("deploy").arg(dir.path()).output().unwrap();
+    assert!(!out.status.success());
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
 fn raw(url: &str, request: &[u8]) -> String {
     let addr = url.trim_start_matches("http://");
     let mut sock = std::net::TcpStream::connect(addr).unwrap();
@@ -363,36 +377,15 @@ async fn bad_input_gets_clear_errors_and_berth_keeps_serving() {
         .unwrap();
     assert_eq!(r.status(), 401);
     assert_eq!(r.json::<Value>().await.unwrap()["code"], "unauthorized");
-    // Unknown manifest fields are refused at deploy.
-    let dir = tempfile::tempdir().unwrap();
-    copy_dir(&examples().join("echo"), dir.path());
-    std::fs::write(
-        dir.path().join("berth.toml"),
-        "name = \"echo\"\nentrypoint = [\"python3\", \"main.py\"]\ncolour = \"blue\"\n",
-    )
-    .unwrap();
-    let out = s.cli().arg("deploy").arg(dir.path()).output().unwrap();
-    assert!(!out.status.success());
-    let all = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(all.contains("colour"), "{all}");
-    // An isolation this server cannot run is refused at deploy.
-    std::fs::write(
-        dir.path().join("berth.toml"),
-        "name = \"echo\"\nentrypoint = [\"python3\", \"main.py\"]\nisolation = \"microvm\"\n",
-    )
-    .unwrap();
-    let out = s.cli().arg("deploy").arg(dir.path()).output().unwrap();
-    assert!(!out.status.success());
-    let all = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(all.contains("substrate_unavailable"), "{all}");
+    // Unknown manifest fields, and an isolation this server cannot run,
+    // are refused at deploy.
+    let extra = ["colour = \"blue\"", "isolation = \"microvm\""];
+    for (line, expect) in extra.into_iter().zip(["colour", "substrate_unavailable"]) {
+        let manifest =
+            format!("name = \"echo\"\nentrypoint = [\"python3\", \"main.py\"]\n{line}\n");
+        let all = deploy_refusal(&s, &manifest);
+        assert!(all.contains(expect), "{all}");
+    }
     // T28: CR, LF and NUL in ids and names are rejected, never reflected.
     let url = s.url.clone();
     for bad in ["%0d%0aX-Injected:%201", "abc%00def", "a%0a"] {

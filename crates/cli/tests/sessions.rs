@@ -296,28 +296,17 @@ async fn agentcore_sdk_agent_runs_unmodified() {
     assert_eq!(v["result"], "Hello berth");
     assert_eq!(v["session_id"], id.as_str());
     // AgentCore's StopRuntimeSession stops it at once; a second stop is 404.
-    let stop = c
-        .post(format!(
-            "{}/runtimes/agentcore-sdk/stopruntimesession?qualifier=DEFAULT",
+    let stop = |qualifier: &'static str| {
+        c.post(format!(
+            "{}/runtimes/agentcore-sdk/stopruntimesession{qualifier}",
             s.url
         ))
         .bearer_auth(&s.admin_key)
         .header(SESSION_HEADER, &id)
         .send()
-        .await
-        .unwrap();
-    assert_eq!(stop.status(), 200);
-    let again = c
-        .post(format!(
-            "{}/runtimes/agentcore-sdk/stopruntimesession",
-            s.url
-        ))
-        .bearer_auth(&s.admin_key)
-        .header(SESSION_HEADER, &id)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(again.status(), 404);
+    };
+    assert_eq!(stop("?qualifier=DEFAULT").await.unwrap().status(), 200);
+    assert_eq!(stop("").await.unwrap().status(), 404);
 }
 
 /// `HealthyBusy` keeps a session alive past its idle timeout (background
