@@ -33,13 +33,17 @@ pub enum KeysCmd {
 
 #[derive(Clone, Copy, clap::ValueEnum)]
 pub enum RoleArg {
+    /// Sees and stops the tenant's sessions, deploys agents.
     Admin,
+    /// May name the user it acts for in the user-id header.
+    ActForUsers,
 }
 
 impl From<RoleArg> for Role {
     fn from(r: RoleArg) -> Self {
         match r {
             RoleArg::Admin => Role::Admin,
+            RoleArg::ActForUsers => Role::ActForUsers,
         }
     }
 }

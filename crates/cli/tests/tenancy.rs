@@ -132,7 +132,44 @@ async fn user_id_header_needs_the_role() {
         v["headers"]["x-amzn-bedrock-agentcore-runtime-user-id"],
         "alice"
     );
+    // A front end holding only the act-for-users role may do the same.
+    let out = s
+        .cli()
+        .args([
+            "keys",
+            "create",
+            "--tenant",
+            "acme",
+            "--user",
+            "frontdoor",
+            "--role",
+            "act-for-users",
+            "--json",
+            "--data-dir",
+        ])
+        .arg(&s.data)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let front: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let id2 = sid("delegated2");
+    let r = c
+        .post(format!("{}/v1/agents/echo/invocations", s.url))
+        .bearer_auth(front["key"].as_str().unwrap())
+        .header(SESSION_HEADER, &id2)
+        .header("x-amzn-bedrock-agentcore-runtime-user-id", "alice")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
     let alice = s.create_key("acme", "alice", false);
+    let rec2 = get_json(&c, &s, &alice, &format!("/v1/sessions/{id2}")).await;
+    assert_eq!(rec2["user"], "alice");
     let rec = get_json(&c, &s, &alice, &format!("/v1/sessions/{id}")).await;
     assert_eq!(rec["user"], "alice");
     let other = get_json(&c, &s, &plain, &format!("/v1/sessions/{id}")).await;
