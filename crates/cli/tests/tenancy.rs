@@ -105,27 +105,20 @@ async fn user_id_header_needs_the_role() {
     s.deploy_example("echo", None);
     let c = s.client();
     let plain = s.create_key("acme", "frontend", false);
+    let front = s.create_key_with_roles("acme", "frontdoor", &["act-for-users"]);
+    let alice = s.create_key("acme", "alice", false);
+    let as_alice = |key: &str, id: &str| {
+        c.post(format!("{}/v1/agents/echo/invocations", s.url))
+            .bearer_auth(key)
+            .header(SESSION_HEADER, id)
+            .header("x-amzn-bedrock-agentcore-runtime-user-id", "alice")
+            .body("{}")
+            .send()
+    };
     let id = sid("delegated");
-    let r = c
-        .post(format!("{}/v1/agents/echo/invocations", s.url))
-        .bearer_auth(&plain)
-        .header(SESSION_HEADER, &id)
-        .header("x-amzn-bedrock-agentcore-runtime-user-id", "alice")
-        .body("{}")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 403);
+    assert_eq!(as_alice(&plain, &id).await.unwrap().status(), 403);
     // The tenant admin may act for alice: the session is alice's.
-    let r = c
-        .post(format!("{}/v1/agents/echo/invocations", s.url))
-        .bearer_auth(&s.admin_key)
-        .header(SESSION_HEADER, &id)
-        .header("x-amzn-bedrock-agentcore-runtime-user-id", "alice")
-        .body("{}")
-        .send()
-        .await
-        .unwrap();
+    let r = as_alice(&s.admin_key, &id).await.unwrap();
     assert_eq!(r.status(), 200);
     let v: Value = r.json().await.unwrap();
     assert_eq!(
@@ -133,45 +126,12 @@ async fn user_id_header_needs_the_role() {
         "alice"
     );
     // A front end holding only the act-for-users role may do the same.
-    let out = s
-        .cli()
-        .args([
-            "keys",
-            "create",
-            "--tenant",
-            "acme",
-            "--user",
-            "frontdoor",
-            "--role",
-            "act-for-users",
-            "--json",
-            "--data-dir",
-        ])
-        .arg(&s.data)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let front: Value = serde_json::from_slice(&out.stdout).unwrap();
     let id2 = sid("delegated2");
-    let r = c
-        .post(format!("{}/v1/agents/echo/invocations", s.url))
-        .bearer_auth(front["key"].as_str().unwrap())
-        .header(SESSION_HEADER, &id2)
-        .header("x-amzn-bedrock-agentcore-runtime-user-id", "alice")
-        .body("{}")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let alice = s.create_key("acme", "alice", false);
-    let rec2 = get_json(&c, &s, &alice, &format!("/v1/sessions/{id2}")).await;
-    assert_eq!(rec2["user"], "alice");
-    let rec = get_json(&c, &s, &alice, &format!("/v1/sessions/{id}")).await;
-    assert_eq!(rec["user"], "alice");
+    assert_eq!(as_alice(&front, &id2).await.unwrap().status(), 200);
+    for sess in [&id, &id2] {
+        let rec = get_json(&c, &s, &alice, &format!("/v1/sessions/{sess}")).await;
+        assert_eq!(rec["user"], "alice");
+    }
     let other = get_json(&c, &s, &plain, &format!("/v1/sessions/{id}")).await;
     assert_eq!(other["code"], "not_found");
 }

@@ -200,15 +200,8 @@ pub async fn deploy(
         .into_response())
 }
 
-pub async fn install_archive(
-    s: &AppState,
-    archive: &[u8],
-    progress: tokio::sync::mpsc::Sender<String>,
-) -> Result<VersionRecord, ApiError> {
-    install(s, archive, progress).await
-}
-
-async fn install(
+/// Installs an archive as a new version of its agent and records it.
+pub async fn install(
     s: &AppState,
     archive: &[u8],
     progress: tokio::sync::mpsc::Sender<String>,

@@ -6,7 +6,6 @@ use crate::config::Config;
 use crate::deploy::DeployConfig;
 use crate::metrics::Metrics;
 use crate::{app, dev, AppState};
-use axum::body::Body;
 use axum::response::{IntoResponse, Response};
 use berth_core::manifest::ManifestPolicy;
 use berth_sandbox::process::{ProcessConfig, ProcessDriver};
@@ -249,6 +248,5 @@ async fn json_errors(resp: Response) -> Response {
     if let Some(allow) = parts.headers.get(http::header::ALLOW) {
         out.headers_mut().insert(http::header::ALLOW, allow.clone());
     }
-    let _: &Body = out.body();
     out
 }

@@ -134,6 +134,11 @@ impl Server {
 
     /// `berth keys create` against the data dir; returns the key.
     pub fn create_key(&self, tenant: &str, user: &str, admin: bool) -> String {
+        self.create_key_with_roles(tenant, user, if admin { &["admin"] } else { &[] })
+    }
+
+    /// `berth keys create` with these `--role` values; returns the key.
+    pub fn create_key_with_roles(&self, tenant: &str, user: &str, roles: &[&str]) -> String {
         let mut c = Command::new(berth_bin());
         c.args([
             "keys",
@@ -146,8 +151,8 @@ impl Server {
             "--data-dir",
         ])
         .arg(&self.data);
-        if admin {
-            c.args(["--role", "admin"]);
+        for role in roles {
+            c.args(["--role", role]);
         }
         let out = c.output().expect("run berth keys create");
         assert!(
