@@ -51,6 +51,17 @@ pub enum DriverError {
         path: PathBuf,
         errno: nix::errno::Errno,
     },
+    #[error("substrate {substrate} cannot run on this host: {reason}")]
+    Unavailable {
+        substrate: &'static str,
+        reason: String,
+    },
+    #[error("building image {image}: {detail}")]
+    Image { image: String, detail: String },
+    #[error("virtual machine monitor: {0}")]
+    Vmm(String),
+    #[error("runsc: {0}")]
+    Runsc(String),
     #[error("{op} {path}: {source}")]
     Io {
         op: &'static str,

@@ -49,6 +49,25 @@ pub struct SandboxSpec {
     pub limits: Limits,
     /// Port the agent listens on inside the sandbox (8080).
     pub agent_port: u16,
+    /// The session this sandbox serves; a substrate that clones sandboxes
+    /// from a snapshot tells the guest after the restore.
+    pub session_id: String,
+    /// Whether the substrate may start this sandbox as a clone of a
+    /// snapshot of an already started agent (`snapshot` in `berth.toml`).
+    pub snapshot: bool,
+}
+
+/// Progress lines of a long preparation (image builds, template boots).
+pub type Progress<'a> = &'a (dyn Fn(&str) + Send + Sync);
+
+/// Whether a substrate can run on this host, and why not.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubstrateReport {
+    /// `process`, `gvisor` or `microvm`.
+    pub substrate: String,
+    pub available: bool,
+    /// How it runs here (e.g. `tcg (software emulation)`), or why it cannot.
+    pub detail: String,
 }
 
 /// Resource use read from the sandbox's cgroups.
@@ -74,6 +93,14 @@ pub trait Driver: Send + Sync + 'static {
     /// Short name of the substrate, e.g. `"process"`.
     fn substrate(&self) -> &'static str;
     async fn start(&self, spec: SandboxSpec) -> Result<Sandbox, DriverError>;
+    /// Work done once per agent version before its first session, at deploy
+    /// time: building images, booting and snapshotting a template. `spec`
+    /// is a sandbox spec of the version (its id and session are not used).
+    /// Idempotent and cached; the default does nothing.
+    async fn prepare(&self, spec: &SandboxSpec, progress: Progress<'_>) -> Result<(), DriverError> {
+        let _ = (spec, progress);
+        Ok(())
+    }
     /// Removes what a crashed run left: processes, cgroups, mounts, state
     /// directories. Called once at start-up, before any `start`.
     async fn sweep(&self) -> Result<SweepReport, DriverError>;

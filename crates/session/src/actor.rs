@@ -292,6 +292,8 @@ impl Actor {
                 pids: m.resources.pids,
             },
             agent_port: 8080,
+            session_id: self.id.to_string(),
+            snapshot: m.snapshot,
         }
     }
 

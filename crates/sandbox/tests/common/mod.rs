@@ -221,6 +221,8 @@ pub fn spec(prefix: &str, app: &Path) -> SandboxSpec {
             pids: 64,
         },
         agent_port: 8080,
+        session_id: unique_id("session"),
+        snapshot: true,
     }
 }
 
