@@ -93,12 +93,44 @@ impl Protocol {
     }
 }
 
+/// Which substrate a session runs on: the agent's choice or the server's
+/// default, and the weakest substrate each tenant's sessions may use.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IsolationPolicy {
+    /// Substrate of agents whose `berth.toml` names none (default process).
+    pub default: Isolation,
+    /// Weakest substrate allowed, per tenant (default: any).
+    pub require: BTreeMap<crate::TenantId, Isolation>,
+}
+
+impl IsolationPolicy {
+    /// The substrate sessions of an agent with this manifest run on.
+    pub fn effective(&self, manifest: &Manifest) -> Isolation {
+        manifest.isolation.unwrap_or(self.default)
+    }
+
+    /// The weakest substrate `tenant`'s sessions may run on.
+    pub fn required(&self, tenant: &crate::TenantId) -> Isolation {
+        self.require.get(tenant).copied().unwrap_or_default()
+    }
+
+    /// Whether `tenant` may run sessions on `isolation`.
+    pub fn allows(&self, tenant: &crate::TenantId, isolation: Isolation) -> bool {
+        isolation >= self.required(tenant)
+    }
+}
+
 /// Which substrate runs the agent's sandboxes. The server may refuse one
-/// that is not available on its host.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// that is not available on its host. Ordered from the weakest boundary to
+/// the strongest, so a policy can name the weakest one it accepts.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Isolation {
     /// Linux namespaces, seccomp, cgroups and Landlock (the default).
+    #[default]
     Process,
     /// gVisor's `runsc`.
     Gvisor,
@@ -107,6 +139,14 @@ pub enum Isolation {
 }
 
 impl Isolation {
+    /// Every substrate, weakest first.
+    pub const ALL: [Isolation; 3] = [Isolation::Process, Isolation::Gvisor, Isolation::Microvm];
+
+    /// The substrate of this name (`process`, `gvisor`, `microvm`).
+    pub fn parse(name: &str) -> Option<Isolation> {
+        Isolation::ALL.into_iter().find(|i| i.as_str() == name)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Isolation::Process => "process",
@@ -147,9 +187,6 @@ impl HeaderPolicy {
 fn default_protocol() -> Protocol {
     Protocol::Http
 }
-fn default_isolation() -> Isolation {
-    Isolation::Process
-}
 fn default_true() -> bool {
     true
 }
@@ -165,9 +202,9 @@ pub struct Manifest {
     /// Default `http`.
     #[serde(default = "default_protocol")]
     pub protocol: Protocol,
-    /// Default `process`.
-    #[serde(default = "default_isolation")]
-    pub isolation: Isolation,
+    /// The substrate; absent means the server's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub isolation: Option<Isolation>,
     /// Whether a substrate that can snapshot a started agent may do so and
     /// clone sessions from it (default true).
     #[serde(default = "default_true")]
@@ -459,7 +496,7 @@ mod tests {
         assert_eq!(m.entrypoint, vec!["python3", "main.py"]);
         assert_eq!(m.protocol, Protocol::Http);
         assert_eq!(m.protocol.port(), 8080);
-        assert_eq!(m.isolation, Isolation::Process);
+        assert_eq!(m.isolation, None);
         assert!(m.snapshot);
         assert_eq!(m.resources, Resources::default());
         assert_eq!(m.lifecycle, Lifecycle::default());
@@ -479,7 +516,7 @@ mod tests {
              [headers]\nallow = [\"X-My-Header\"]\nauthorization = true\n",
         );
         m.validate(&ManifestPolicy::default()).expect("valid");
-        assert_eq!(m.isolation, Isolation::Gvisor);
+        assert_eq!(m.isolation, Some(Isolation::Gvisor));
         assert!(!m.snapshot);
         assert_eq!(m.resources.memory_mb, 256);
         assert_eq!(m.lifecycle.idle_timeout_s, 60);
@@ -538,10 +575,28 @@ mod tests {
     }
 
     #[test]
+    fn isolation_policy_orders_substrates() {
+        let t = |s: &str| crate::TenantId::parse(s).unwrap();
+        let mut p = IsolationPolicy::default();
+        p.require.insert(t("acme"), Isolation::Gvisor);
+        assert!(p.allows(&t("other"), Isolation::Process));
+        assert!(!p.allows(&t("acme"), Isolation::Process));
+        assert!(p.allows(&t("acme"), Isolation::Gvisor));
+        assert!(p.allows(&t("acme"), Isolation::Microvm));
+        let m = parse("");
+        assert_eq!(p.effective(&m), Isolation::Process);
+        p.default = Isolation::Microvm;
+        assert_eq!(p.effective(&m), Isolation::Microvm);
+        let m = parse("isolation = \"gvisor\"\n");
+        assert_eq!(p.effective(&m), Isolation::Gvisor);
+    }
+
+    #[test]
     fn isolation_kinds_parse() {
         for i in ["process", "gvisor", "microvm"] {
             let m = parse(&format!("isolation = \"{i}\"\n"));
-            assert_eq!(m.isolation.as_str(), i);
+            assert_eq!(m.isolation.map(Isolation::as_str), Some(i));
+            assert_eq!(Isolation::parse(i), m.isolation);
         }
     }
 

@@ -8,6 +8,7 @@ mod client;
 mod error;
 pub mod probe;
 pub mod process;
+mod registry;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -20,6 +21,7 @@ use serde::{Deserialize, Serialize};
 pub use berth_guest::proto::GuestStatus;
 pub use client::{read_preamble, ChannelLimits, GuestClient};
 pub use error::DriverError;
+pub use registry::{Substrates, SUBSTRATES};
 
 /// Request body type the sandbox accepts.
 pub type BoxBody =

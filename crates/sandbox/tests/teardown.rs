@@ -40,28 +40,6 @@ fn assert_gone(env: &Env, id: &str, pids: &[u32]) {
 }
 
 #[tokio::test]
-async fn terminate_removes_everything() {
-    init_tracing();
-    let env = env();
-    let app = app(AGENT);
-    let sp = spec("down", app.path());
-    let id = sp.sandbox_id.clone();
-    let sb = env.driver.start(sp).await.unwrap();
-    wait_healthy(&sb).await;
-    // A process that ignores SIGTERM must still die (hard kill after grace).
-    run_py(
-        &sb,
-        "import subprocess\nsubprocess.Popen(['/usr/bin/sh', '-c', 'trap \"\" TERM; sleep 60'])",
-    )
-    .await;
-    let pids = sb.host_pids();
-    assert!(cgroup_dirs(&env, &id).iter().all(|d| d.exists()));
-    let usage = sb.terminate(Duration::from_millis(300)).await.unwrap();
-    assert!(usage.cpu_seconds > 0.0);
-    assert_gone(&env, &id, &pids);
-}
-
-#[tokio::test]
 async fn dropped_sandbox_is_destroyed() {
     init_tracing();
     let env = env();
@@ -78,21 +56,6 @@ async fn dropped_sandbox_is_destroyed() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_gone(&env, &id, &pids);
-}
-
-#[tokio::test]
-async fn agent_exit_ends_the_sandbox() {
-    init_tracing();
-    let env = env();
-    let app = app("import sys\nsys.exit(7)\n");
-    let sb = env.driver.start(spec("exit", app.path())).await.unwrap();
-    let mut exited = sb.exited();
-    tokio::time::timeout(Duration::from_secs(5), exited.wait_for(|e| *e))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(sb.guest_status().await.unwrap().exit_code, Some(7));
-    sb.terminate(Duration::from_millis(100)).await.unwrap();
 }
 
 #[tokio::test]

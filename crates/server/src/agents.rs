@@ -182,7 +182,7 @@ pub async fn deploy(
         }
     });
     tokio::spawn(async move {
-        let result = install(&s, &body, tx).await;
+        let result = install(&s, Some(auth.0.tenant()), &body, tx).await;
         crate::audit::deployed(&s, &auth.0, &result);
         let last = match result {
             Ok(v) => serde_json::json!({ "version": v }),
@@ -203,23 +203,38 @@ pub async fn deploy(
 /// Installs an archive as a new version of its agent and records it.
 pub async fn install(
     s: &AppState,
+    tenant: Option<&berth_core::TenantId>,
     archive: &[u8],
     progress: tokio::sync::mpsc::Sender<String>,
 ) -> Result<VersionRecord, ApiError> {
-    let installed = deploy::install(&s.deploy, archive, progress)
+    let installed = deploy::install(&s.deploy, archive, progress.clone())
         .await
         .map_err(|e| ApiError::bad_request(e.code(), e.to_string()))?;
-    let wanted = installed.manifest.isolation;
-    if wanted.as_str() != s.sessions.substrate() {
+    // The substrate must run here (and suit the deployer's tenant) before
+    // the version exists; its per-version work (images, a snapshot
+    // template) is done now so the first session does not wait for it.
+    let agent = berth_session::AgentSpec {
+        name: installed.manifest.name.clone(),
+        version: 0,
+        manifest: installed.manifest.clone(),
+        app_dir: installed.app_dir.clone(),
+        venv_dir: installed.venv_dir.clone(),
+    };
+    let report = progress.clone();
+    let say = move |line: &str| {
+        let _ = report.try_send(line.to_owned());
+    };
+    if let Err(e) = s.sessions.prepare(tenant, &agent, &say).await {
         deploy::remove(&installed.dir).await;
-        return Err(ApiError::bad_request(
-            "substrate_unavailable",
-            format!(
-                "the agent asks for isolation \"{}\", but this server runs only \"{}\" sandboxes",
-                wanted.as_str(),
-                s.sessions.substrate()
-            ),
-        ));
+        return Err(match e {
+            berth_session::SessionError::SubstrateUnavailable(e) => {
+                ApiError::bad_request("substrate_unavailable", e.to_string())
+            }
+            e @ berth_session::SessionError::IsolationPolicy { .. } => {
+                ApiError::new(StatusCode::FORBIDDEN, "isolation_policy", e.to_string())
+            }
+            e => ApiError::bad_request("substrate_prepare_failed", e.to_string()),
+        });
     }
     let manifest_json = serde_json::to_string(&installed.manifest).map_err(ApiError::internal)?;
     let dir = installed.dir.to_string_lossy().into_owned();

@@ -1,7 +1,8 @@
 //! Server configuration: one typed struct, loaded from an optional TOML
 //! file; flags are applied on top by the CLI.
 
-use serde::Deserialize;
+use berth_core::manifest::{Isolation, IsolationPolicy};
+use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -80,6 +81,74 @@ pub struct Config {
     /// previous key still verifies. At least `workload_token_ttl_s`
     /// (default 604800, a week).
     pub workload_key_rotation_s: u64,
+    /// The `[isolation]` section: the substrate of agents whose `berth.toml`
+    /// names none (`default`, default "process") and, per tenant, the
+    /// weakest substrate its sessions may run on (`require`, default none).
+    pub isolation: IsolationPolicy,
+    /// Substrates this server tries to start (default all three). One the
+    /// host cannot run is reported by `berth doctor`, and agents asking
+    /// for it are refused with `substrate_unavailable`.
+    pub substrates: Vec<Isolation>,
+    /// The `[gvisor]` section.
+    pub gvisor: GvisorSection,
+    /// The `[microvm]` section.
+    pub microvm: MicrovmSection,
+}
+
+/// The `[gvisor]` section.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GvisorSection {
+    /// The runsc binary (default "runsc", looked up on PATH).
+    pub runsc: PathBuf,
+    /// runsc platforms tried in order at start-up; the first that runs a
+    /// probe container is used (default ["ptrace"]).
+    pub platforms: Vec<String>,
+    /// First host uid of gVisor sandboxes (default 220000).
+    pub uid_base: u32,
+    /// Number of uids, i.e. concurrent gVisor sandboxes (default 10000).
+    pub uid_count: u32,
+}
+
+impl Default for GvisorSection {
+    fn default() -> Self {
+        Self {
+            runsc: PathBuf::from("runsc"),
+            platforms: vec!["ptrace".into()],
+            uid_base: 220_000,
+            uid_count: 10_000,
+        }
+    }
+}
+
+/// The `[microvm]` section.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MicrovmSection {
+    /// The guest kernel, an uncompressed vmlinux (default
+    /// /var/lib/berth/kernel/vmlinux, where `scripts/build-kernel` puts it).
+    pub kernel: PathBuf,
+    /// The QEMU binary (default "qemu-system-x86_64", looked up on PATH).
+    pub qemu: PathBuf,
+    /// "auto" (KVM when a probe boot works, else software emulation with
+    /// a warning), "kvm" or "tcg" (default "auto").
+    pub accel: String,
+    /// First host uid of QEMU processes (default 240000).
+    pub uid_base: u32,
+    /// Number of uids, i.e. concurrent microVMs (default 10000).
+    pub uid_count: u32,
+}
+
+impl Default for MicrovmSection {
+    fn default() -> Self {
+        Self {
+            kernel: PathBuf::from("/var/lib/berth/kernel/vmlinux"),
+            qemu: PathBuf::from("qemu-system-x86_64"),
+            accel: "auto".into(),
+            uid_base: 240_000,
+            uid_count: 10_000,
+        }
+    }
 }
 
 impl Default for Config {
@@ -108,6 +177,10 @@ impl Default for Config {
             workload_token_ttl_s: 900,
             workload_key_rotation_s: 7 * 86_400,
             quotas: Quotas::default(),
+            isolation: IsolationPolicy::default(),
+            substrates: Isolation::ALL.to_vec(),
+            gvisor: GvisorSection::default(),
+            microvm: MicrovmSection::default(),
         }
     }
 }
@@ -191,6 +264,16 @@ impl Config {
         if self.queue_depth == 0 || self.max_live_sessions == 0 {
             return Err(ConfigError::Invalid(
                 "queue_depth and max_live_sessions must be positive",
+            ));
+        }
+        if !self.substrates.contains(&self.isolation.default) {
+            return Err(ConfigError::Invalid(
+                "isolation.default must be one of the enabled substrates",
+            ));
+        }
+        if !["auto", "kvm", "tcg"].contains(&self.microvm.accel.as_str()) {
+            return Err(ConfigError::Invalid(
+                "microvm.accel must be \"auto\", \"kvm\" or \"tcg\"",
             ));
         }
         if self.ping_interval_ms < 10 {

@@ -114,7 +114,7 @@ async fn deploy_one(state: &AppState, dir: &Path) -> Result<(), String> {
             eprintln!("deploy {name}: {line}");
         }
     });
-    let v = crate::agents::install(state, &archive, tx)
+    let v = crate::agents::install(state, None, &archive, tx)
         .await
         .map_err(|e| e.message)?;
     let _ = printer.await;

@@ -90,6 +90,10 @@ impl From<SessionError> for ApiError {
             Quota(berth_session::QuotaError::Rate { .. }) => {
                 Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", msg)
             }
+            IsolationPolicy { .. } => Self::new(StatusCode::FORBIDDEN, "isolation_policy", msg),
+            SubstrateUnavailable(_) => {
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, "substrate_unavailable", msg)
+            }
             Log(e) => e.into(),
             Driver(e) => Self::internal(e),
         }

@@ -14,6 +14,7 @@ mod invoke;
 mod metrics;
 mod serve;
 mod sessions;
+mod substrates;
 
 pub use config::{Config, ConfigError};
 pub use serve::{run, ServerError};

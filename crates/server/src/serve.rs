@@ -8,7 +8,6 @@ use crate::metrics::Metrics;
 use crate::{app, dev, AppState};
 use axum::response::{IntoResponse, Response};
 use berth_core::manifest::ManifestPolicy;
-use berth_sandbox::process::{ProcessConfig, ProcessDriver};
 use berth_session::{SessionConfig, SessionManager};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -51,14 +50,6 @@ fn mkdir(path: &std::path::Path) -> Result<(), ServerError> {
     })
 }
 
-/// The guest binary ships beside `berth`.
-fn guest_binary() -> PathBuf {
-    std::env::current_exe()
-        .ok()
-        .and_then(|p| p.parent().map(|d| d.join("berth-guest")))
-        .unwrap_or_else(|| PathBuf::from("berth-guest"))
-}
-
 async fn build_state(cfg: Config) -> Result<AppState, ServerError> {
     cfg.validate()?;
     let data = std::path::absolute(&cfg.data_dir).map_err(|source| ServerError::DataDir {
@@ -68,12 +59,7 @@ async fn build_state(cfg: Config) -> Result<AppState, ServerError> {
     mkdir(&data)?;
     mkdir(&data.join("agents"))?;
     let store = Arc::new(berth_log::SqliteLog::open(&data.join("berth.db"))?);
-    let mut pcfg = ProcessConfig::new(data.join("sandboxes"), guest_binary());
-    pcfg.uid_base = cfg.sandbox_uid_base;
-    pcfg.uid_count = cfg.sandbox_uid_count;
-    pcfg.tmp_size_mb = cfg.sandbox_tmp_mb;
-    pcfg.cgroup_name = cfg.sandbox_cgroup.clone();
-    let driver = ProcessDriver::new(pcfg)?;
+    let substrates = crate::substrates::build(&cfg, &data).await?;
     let workload = crate::workload::WorkloadTokenService::open(
         &data.join("workload-keys"),
         cfg.workload_token_ttl_s,
@@ -89,9 +75,10 @@ async fn build_state(cfg: Config) -> Result<AppState, ServerError> {
         aws_region: cfg.aws_region.clone(),
         quotas: cfg.quotas.to_session(),
         tokens: Some(workload.clone()),
+        isolation: cfg.isolation.clone(),
         ..SessionConfig::default()
     };
-    let sessions = SessionManager::new(store.clone(), Arc::new(driver), scfg);
+    let sessions = SessionManager::new(store.clone(), substrates, scfg);
     let report = sessions.recover().await?;
     tracing::info!(closed = report.closed_sessions, sweep = ?report.sweep, "recovered");
     let mut deploy = DeployConfig::new(data.join("agents"));

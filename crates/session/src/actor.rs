@@ -4,6 +4,7 @@
 
 use crate::body::{TurnBody, TurnStats};
 use crate::error::SessionError;
+use crate::config::SessionConfig;
 use crate::manager::{AgentSpec, Invocation, Shared};
 use berth_core::{
     AgentName, RequestId, SessionEvent, SessionId, SessionStatus, TenantId, TerminationReason,
@@ -269,41 +270,14 @@ impl Actor {
         }
     }
 
-    fn spec(&self) -> SandboxSpec {
-        let m = &self.agent.manifest;
-        let mut env: Vec<(String, String)> = vec![
-            ("DOCKER_CONTAINER".into(), "1".into()),
-            ("AWS_REGION".into(), self.shared.cfg.aws_region.clone()),
-            (
-                "AWS_DEFAULT_REGION".into(),
-                self.shared.cfg.aws_region.clone(),
-            ),
-        ];
-        env.extend(m.env.iter().map(|(k, v)| (k.clone(), v.clone())));
-        SandboxSpec {
-            sandbox_id: format!("sb-{}", uuid::Uuid::new_v4().simple()),
-            app_dir: self.agent.app_dir.clone(),
-            venv_dir: self.agent.venv_dir.clone(),
-            entrypoint: m.entrypoint.clone(),
-            env,
-            limits: Limits {
-                vcpus: m.resources.vcpus,
-                memory_bytes: m.resources.memory_mb * 1024 * 1024,
-                pids: m.resources.pids,
-            },
-            agent_port: 8080,
-            session_id: self.id.to_string(),
-            snapshot: m.snapshot,
-        }
-    }
-
     /// Starts the sandbox and waits until the agent answers `/ping` healthy.
     async fn provision(&mut self) -> Result<Sandbox, String> {
         let t0 = Instant::now();
-        let sandbox = self
-            .shared
-            .driver
-            .start(self.spec())
+        let driver = crate::manager::driver_for(&self.shared, &self.tenant, &self.agent.manifest)
+            .map_err(|e| e.to_string())?
+            .clone();
+        let sandbox = driver
+            .start(sandbox_spec(&self.shared.cfg, &self.agent, &self.id))
             .await
             .map_err(|e| format!("sandbox did not start: {e}"))?;
         let sandbox_ms = sandbox.start_time().as_secs_f64() * 1e3;
@@ -317,7 +291,7 @@ impl Actor {
         self.clock.last_activity = self.clock.started;
         self.append(SessionEvent::SandboxStarted {
             agent_version: self.agent.version,
-            substrate: self.shared.driver.substrate().to_owned(),
+            substrate: driver.substrate().to_owned(),
             epoch: self.epoch,
             sandbox_ms,
             agent_ms,
@@ -812,5 +786,33 @@ mod tests {
         assert!(c.set(SessionStatus::Idle).is_none());
         assert!(c.set(SessionStatus::Active).is_some());
         assert!(c.set(SessionStatus::Provisioning).is_none());
+    }
+}
+
+/// The sandbox of a session of `agent`. Everything but the id and the
+/// session is the same for every session of a version, so a substrate may
+/// start it as a clone of a template (see `Driver::prepare`).
+pub(crate) fn sandbox_spec(cfg: &SessionConfig, agent: &AgentSpec, session: &SessionId) -> SandboxSpec {
+    let m = &agent.manifest;
+    let mut env: Vec<(String, String)> = vec![
+        ("DOCKER_CONTAINER".into(), "1".into()),
+        ("AWS_REGION".into(), cfg.aws_region.clone()),
+        ("AWS_DEFAULT_REGION".into(), cfg.aws_region.clone()),
+    ];
+    env.extend(m.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    SandboxSpec {
+        sandbox_id: format!("sb-{}", uuid::Uuid::new_v4().simple()),
+        app_dir: agent.app_dir.clone(),
+        venv_dir: agent.venv_dir.clone(),
+        entrypoint: m.entrypoint.clone(),
+        env,
+        limits: Limits {
+            vcpus: m.resources.vcpus,
+            memory_bytes: m.resources.memory_mb * 1024 * 1024,
+            pids: m.resources.pids,
+        },
+        agent_port: 8080,
+        session_id: session.to_string(),
+        snapshot: m.snapshot,
     }
 }

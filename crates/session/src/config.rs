@@ -39,6 +39,8 @@ pub struct SessionConfig {
     pub quotas: crate::quota::QuotaConfig,
     /// Workload tokens for agents (default: none).
     pub tokens: Option<Arc<dyn WorkloadTokens>>,
+    /// Default substrate and per-tenant minimums (default: process, none).
+    pub isolation: berth_core::manifest::IsolationPolicy,
 }
 
 impl Default for SessionConfig {
@@ -53,6 +55,7 @@ impl Default for SessionConfig {
             aws_region: "us-east-1".to_owned(),
             tokens: None,
             quotas: crate::quota::QuotaConfig::default(),
+            isolation: berth_core::manifest::IsolationPolicy::default(),
         }
     }
 }

@@ -29,6 +29,15 @@ pub enum SessionError {
     /// A quota of the caller's tenant or user refused the request.
     #[error(transparent)]
     Quota(#[from] crate::quota::QuotaError),
+    /// The tenant's policy requires a stronger substrate than the agent's.
+    #[error("this tenant's sessions must run on {required} or stronger; the agent runs on {wanted}")]
+    IsolationPolicy {
+        wanted: &'static str,
+        required: &'static str,
+    },
+    /// The agent's substrate cannot run on this host.
+    #[error("{0}")]
+    SubstrateUnavailable(DriverError),
     /// berth is shutting down.
     #[error("berth is shutting down")]
     ShuttingDown,

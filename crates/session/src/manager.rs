@@ -15,7 +15,7 @@ use berth_core::{
 use berth_log::{
     LogError, SessionFilter, SessionLog, SessionRecord, UsageFilter, UsageGroup, UsageRow,
 };
-use berth_sandbox::{BoxBody, Driver, SweepReport};
+use berth_sandbox::{BoxBody, Driver, Substrates, SweepReport};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -99,7 +99,7 @@ impl Registry {
 
 pub(crate) struct Shared {
     pub log: Arc<dyn SessionLog>,
-    pub driver: Arc<dyn Driver>,
+    pub substrates: Substrates,
     pub cfg: SessionConfig,
     pub expiry: ExpiryHandle,
     pub registry: Registry,
@@ -114,6 +114,27 @@ pub struct SessionManager {
     closing: Arc<AtomicBool>,
 }
 
+/// The substrate policy, then the host: a tenant held to a stronger
+/// substrate than the agent's is refused before any sandbox exists.
+pub(crate) fn driver_for<'a>(
+    shared: &'a Shared,
+    tenant: &berth_core::TenantId,
+    manifest: &Manifest,
+) -> Result<&'a Arc<dyn Driver>, SessionError> {
+    let policy = &shared.cfg.isolation;
+    let wanted = policy.effective(manifest);
+    if !policy.allows(tenant, wanted) {
+        return Err(SessionError::IsolationPolicy {
+            wanted: wanted.as_str(),
+            required: policy.required(tenant).as_str(),
+        });
+    }
+    shared
+        .substrates
+        .get(wanted.as_str())
+        .map_err(SessionError::SubstrateUnavailable)
+}
+
 fn not_found(e: LogError) -> SessionError {
     match e {
         LogError::NotFound => SessionError::NotFound,
@@ -122,11 +143,11 @@ fn not_found(e: LogError) -> SessionError {
 }
 
 impl SessionManager {
-    pub fn new(log: Arc<dyn SessionLog>, driver: Arc<dyn Driver>, cfg: SessionConfig) -> Self {
+    pub fn new(log: Arc<dyn SessionLog>, substrates: Substrates, cfg: SessionConfig) -> Self {
         let shared = Shared {
             quotas: Quotas::new(cfg.quotas.clone()),
             log,
-            driver,
+            substrates,
             cfg,
             expiry: ExpiryHandle::spawn(),
             registry: Registry::default(),
@@ -138,8 +159,46 @@ impl SessionManager {
         }
     }
 
-    pub fn substrate(&self) -> &'static str {
-        self.shared.driver.substrate()
+    /// The substrates this node runs.
+    pub fn substrates(&self) -> &Substrates {
+        &self.shared.substrates
+    }
+
+    /// The driver sessions of `agent` run on, if `who`'s tenant may use it
+    /// and this host has it.
+    pub fn driver_for(
+        &self,
+        who: &Principal,
+        manifest: &Manifest,
+    ) -> Result<&Arc<dyn Driver>, SessionError> {
+        driver_for(&self.shared, who.tenant(), manifest)
+    }
+
+    /// Per-version work of the agent's substrate (images, a snapshot
+    /// template), done at deploy time so the first session starts fast.
+    /// With a tenant, its isolation policy is checked first.
+    pub async fn prepare(
+        &self,
+        tenant: Option<&berth_core::TenantId>,
+        agent: &AgentSpec,
+        progress: berth_sandbox::Progress<'_>,
+    ) -> Result<(), SessionError> {
+        let driver = match tenant {
+            Some(t) => driver_for(&self.shared, t, &agent.manifest)?,
+            None => {
+                let wanted = self.shared.cfg.isolation.effective(&agent.manifest);
+                self.shared
+                    .substrates
+                    .get(wanted.as_str())
+                    .map_err(SessionError::SubstrateUnavailable)?
+            }
+        };
+        // Any valid id: the template serves no session until it is cloned.
+        let placeholder = SessionId::parse(&format!("prepare-{}", "0".repeat(32)))
+            .map_err(|_| SessionError::StartFailed("placeholder id".into()))?;
+        let spec = actor::sandbox_spec(&self.shared.cfg, agent, &placeholder);
+        driver.prepare(&spec, progress).await?;
+        Ok(())
     }
 
     /// Number of live sessions on this node.
@@ -150,7 +209,7 @@ impl SessionManager {
     /// Run once at start-up, before serving: removes what a crashed run left
     /// in the sandbox substrate and closes the activations it left open.
     pub async fn recover(&self) -> Result<RecoveryReport, SessionError> {
-        let sweep = self.shared.driver.sweep().await?;
+        let sweep = self.shared.substrates.sweep().await?;
         let open = self.shared.log.live_sessions().await?;
         let closed_sessions = open.len();
         for rec in open {
@@ -237,6 +296,7 @@ impl SessionManager {
             Self::check_owner(who, &h, &agent.name)?;
             return Ok(h);
         }
+        driver_for(&self.shared, who.tenant(), &agent.manifest)?;
         let max = self.shared.cfg.max_live_sessions;
         if self.shared.registry.len() >= max {
             return Err(SessionError::TooManySessions(max));

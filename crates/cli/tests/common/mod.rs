@@ -68,9 +68,16 @@ impl Server {
     }
 
     fn write_config(&self) -> PathBuf {
+        // Only the process substrate unless a test asks for more: the
+        // others are tested where they are named (substrates.rs).
+        let substrates = if self.extra.contains("substrates =") {
+            ""
+        } else {
+            "substrates = [\"process\"]\n"
+        };
         let cfg = format!(
             "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\nmin_lifetime_s = 1\nping_interval_ms = 200\n\
-             stop_grace_s = 2\nsandbox_cgroup = \"{}\"\nsandbox_uid_base = {}\nsandbox_uid_count = 200\n{}\n",
+             stop_grace_s = 2\nsandbox_cgroup = \"{}\"\nsandbox_uid_base = {}\nsandbox_uid_count = 200\n{substrates}{}\n",
             self.data.display(),
             self.cgroup,
             self.uid_base,
