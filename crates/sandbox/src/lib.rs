@@ -6,6 +6,7 @@
 
 mod client;
 mod error;
+pub mod microvm;
 pub mod probe;
 pub mod process;
 mod registry;

@@ -1,0 +1,3 @@
+//! The `microvm` substrate.
+
+pub mod image;
