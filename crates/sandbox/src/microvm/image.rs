@@ -28,7 +28,7 @@
 //! The builders block (they copy files and run `mke2fs`); call them from a
 //! blocking thread.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::ffi::{OsStr, OsString};
 use std::fs::{self, File, OpenOptions, Permissions};
 use std::io::{self, Read, Write};
@@ -37,6 +37,7 @@ use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, Per
 use std::path::{Component, Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock, PoisonError};
 use std::time::Instant;
 
 use sha2::{Digest, Sha256};
@@ -738,7 +739,16 @@ fn plan_base(guest_binary: &Path, python: &Path) -> Result<Tree, DriverError> {
         }
     }
     let python_real = t.add_chain(python)?;
-    let probe = probe_python(&t, python)?;
+    if !elf_info(&python_real)
+        .map_err(DriverError::io("read", &python_real))?
+        .elf
+    {
+        return Err(t.err(format!(
+            "{} is not an ELF executable (a shim or a script?); give the interpreter itself",
+            python_real.display()
+        )));
+    }
+    let probe = probe_python_cached(&t, python, &python_real)?;
     let mut walked: Vec<PathBuf> = Vec::new();
     for dir in &probe.sys_path {
         if !dir.is_dir() || walked.iter().any(|w| dir.starts_with(w)) {
@@ -766,9 +776,36 @@ fn plan_base(guest_binary: &Path, python: &Path) -> Result<Tree, DriverError> {
     Ok(t)
 }
 
+#[derive(Debug, Clone)]
 struct PythonProbe {
     sys_path: Vec<PathBuf>,
     ssl_paths: Vec<PathBuf>,
+}
+
+/// [`probe_python`], remembered for the life of the process while the
+/// interpreter binary keeps its identity: starting Python is half the cost of
+/// a cache hit.
+fn probe_python_cached(t: &Tree, python: &Path, real: &Path) -> Result<PythonProbe, DriverError> {
+    type Memo = HashMap<PathBuf, (Identity, PythonProbe)>;
+    static PROBED: OnceLock<Mutex<Memo>> = OnceLock::new();
+    let memo = PROBED.get_or_init(Default::default);
+    let id = identity(real).map_err(|d| t.err(d))?;
+    if let Some((seen, probe)) = memo
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get(python)
+    {
+        if *seen == id {
+            return Ok(probe.clone());
+        }
+    }
+    let probe = probe_python(t, python)?;
+    let mut memo = memo.lock().unwrap_or_else(PoisonError::into_inner);
+    if memo.len() >= MAX_LISTED {
+        memo.clear();
+    }
+    memo.insert(python.to_owned(), (id, probe.clone()));
+    Ok(probe)
 }
 
 fn probe_python(t: &Tree, python: &Path) -> Result<PythonProbe, DriverError> {
@@ -1041,6 +1078,8 @@ fn push_components(todo: &mut VecDeque<OsString>, path: &Path) {
 /// What matters of an ELF file here.
 #[derive(Debug, Default, PartialEq, Eq)]
 struct ElfInfo {
+    /// A 64-bit little-endian ELF file.
+    elf: bool,
     /// Has a dynamic section (a shared library or a dynamic executable).
     dynamic: bool,
     /// The program interpreter (the dynamic loader) of a dynamic executable.
@@ -1064,7 +1103,10 @@ fn elf_info(path: &Path) -> io::Result<ElfInfo> {
     if !(56..=256).contains(&phentsize) {
         return Ok(ElfInfo::default());
     }
-    let mut info = ElfInfo::default();
+    let mut info = ElfInfo {
+        elf: true,
+        ..ElfInfo::default()
+    };
     for i in 0..phnum {
         let mut ph = [0u8; 56];
         f.read_exact_at(&mut ph, phoff + i * phentsize)?;
@@ -1098,7 +1140,11 @@ fn list_needed(interp: &Path, objects: &[PathBuf]) -> Result<BTreeSet<PathBuf>, 
         let handles: Vec<_> = objects
             .chunks(chunk)
             .map(|part| {
-                s.spawn(move || part.iter().map(|o| list_one(interp, o)).collect::<Vec<_>>())
+                s.spawn(move || {
+                    part.iter()
+                        .map(|o| list_one_cached(interp, o))
+                        .collect::<Vec<_>>()
+                })
             })
             .collect();
         let mut libs = BTreeSet::new();
@@ -1112,6 +1158,67 @@ fn list_needed(interp: &Path, objects: &[PathBuf]) -> Result<BTreeSet<PathBuf>, 
         }
         Ok(libs)
     })
+}
+
+/// What the base image's key uses for a host file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Identity {
+    size: u64,
+    mtime: (i64, i64),
+    ino: u64,
+}
+
+fn identity(path: &Path) -> Result<Identity, String> {
+    let md = fs::metadata(path).map_err(|e| format!("stat {}: {e}", path.display()))?;
+    Ok(Identity {
+        size: md.len(),
+        mtime: (md.mtime(), md.mtime_nsec()),
+        ino: md.ino(),
+    })
+}
+
+/// One `--list` answer, with the identity of the object and of every
+/// library it named.
+struct Listed {
+    object: Identity,
+    libs: Vec<(PathBuf, Identity)>,
+}
+
+/// Entries kept in a memo (`--list` answers, Python probes) before it
+/// starts over.
+const MAX_LISTED: usize = 4096;
+
+/// [`list_one`], remembered for the life of the process: an answer is reused
+/// while the object and every library it named keep their identity (a
+/// library upgrade replaces the file), so a cache hit on a base image spawns
+/// no loader.
+fn list_one_cached(interp: &Path, object: &Path) -> Result<Vec<PathBuf>, String> {
+    static LISTED: OnceLock<Mutex<HashMap<(PathBuf, PathBuf), Listed>>> = OnceLock::new();
+    let memo = LISTED.get_or_init(Default::default);
+    let key = (interp.to_owned(), object.to_owned());
+    let id = identity(object)?;
+    {
+        let memo = memo.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(hit) = memo.get(&key) {
+            let fresh =
+                hit.object == id && hit.libs.iter().all(|(p, i)| identity(p).as_ref() == Ok(i));
+            if fresh {
+                return Ok(hit.libs.iter().map(|(p, _)| p.clone()).collect());
+            }
+        }
+    }
+    let libs = list_one(interp, object)?;
+    let libs = libs
+        .into_iter()
+        .map(|p| Ok((p.clone(), identity(&p)?)))
+        .collect::<Result<Vec<_>, String>>()?;
+    let paths = libs.iter().map(|(p, _)| p.clone()).collect();
+    let mut memo = memo.lock().unwrap_or_else(PoisonError::into_inner);
+    if memo.len() >= MAX_LISTED {
+        memo.clear();
+    }
+    memo.insert(key, Listed { object: id, libs });
+    Ok(paths)
 }
 
 fn list_one(interp: &Path, object: &Path) -> Result<Vec<PathBuf>, String> {
@@ -1268,7 +1375,7 @@ mod tests {
     #[test]
     fn reads_elf_program_headers() {
         let me = elf_info(&std::env::current_exe().unwrap()).unwrap();
-        assert!(me.dynamic);
+        assert!(me.elf && me.dynamic);
         assert!(me.interp.is_some());
         assert_eq!(
             elf_info(Path::new("/etc/hostname")).unwrap_or_default(),
@@ -1309,6 +1416,32 @@ mod tests {
             .insert(Path::new("a/b/c"), Node::Dir { mode: 0o755 })
             .is_err());
         assert!(matches!(t.nodes[Path::new("a")], Node::Dir { mode: 0o755 }));
+    }
+
+    #[test]
+    fn base_key_follows_the_guest_bytes() {
+        let d = tempfile::tempdir().unwrap();
+        let exe = fs::read(std::env::current_exe().unwrap()).unwrap();
+        let (a, b) = (d.path().join("a"), d.path().join("b"));
+        fs::write(&a, &exe).unwrap();
+        fs::write(&b, [exe.as_slice(), b"x"].concat()).unwrap();
+        let key = |g: &Path| {
+            plan_base(g, Path::new("/usr/bin/python3"))
+                .unwrap()
+                .key(Kind::Base)
+        };
+        assert_eq!(key(&a), key(&a));
+        assert_ne!(key(&a), key(&b));
+    }
+
+    #[test]
+    fn refuses_a_python_that_is_a_script() {
+        let d = tempfile::tempdir().unwrap();
+        let shim = d.path().join("python3");
+        fs::write(&shim, "#!/bin/sh\nexec /usr/bin/python3 \"$@\"\n").unwrap();
+        fs::set_permissions(&shim, Permissions::from_mode(0o755)).unwrap();
+        let err = plan_base(&std::env::current_exe().unwrap(), &shim).unwrap_err();
+        assert!(err.to_string().contains("not an ELF"), "{err}");
     }
 
     #[test]
