@@ -13,6 +13,7 @@ mod seccomp;
 mod serve;
 mod setup;
 mod sys;
+mod vm;
 
 use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 use nix::sys::stat::{fstat, SFlag};
@@ -23,6 +24,9 @@ use setup::{fail, At, Fail};
 /// Entry point of the `berth-guest` executable.
 pub fn main() -> ! {
     let args: Vec<String> = std::env::args().collect();
+    if vm::is_vm_init(&args) {
+        vm::run()
+    }
     match (args.get(1).map(String::as_str), args.get(2)) {
         (Some("setup"), Some(spec)) if args.len() == 3 => run(spec),
         _ => {

@@ -69,3 +69,52 @@ pub struct GuestStatus {
     pub signal: Option<i32>,
     pub shutting_down: bool,
 }
+
+/// Name of the virtio-serial port that carries a microVM's channel.
+pub const VM_PORT_NAME: &str = "berth.0";
+/// Prefix of the guest's answer to a [`VmHello`]: `ready <nonce>`.
+pub const VM_READY_PREFIX: &str = "ready ";
+/// Console line the guest prints when the agent ended: `berth-guest: exit <code>`.
+pub const VM_EXIT_PREFIX: &str = "berth-guest: exit ";
+/// Console line the guest prints when the host hung up and it waits for
+/// the next hello (a template is snapshotted only in this state).
+pub const VM_PARKED_LINE: &str = "berth-guest: parked";
+/// Longest hello line the guest reads.
+pub const VM_MAX_HELLO: usize = 64 * 1024;
+
+/// What the host of a microVM writes as one JSON line on the channel each
+/// time it connects, before any HTTP/2: after a snapshot restore the guest
+/// learns from it that it is a new sandbox. The guest applies it (entropy,
+/// clock, identity) before it answers `ready <nonce>`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmHello {
+    /// Echoed in the ready line, so the host can tell it from leftovers.
+    pub nonce: u64,
+    /// The session this VM now serves.
+    pub session_id: String,
+    /// Fresh host randomness (at least 32 bytes), mixed into the kernel
+    /// RNG with full entropy credit, followed by a forced reseed.
+    pub seed: Vec<u8>,
+    /// Host wall clock (CLOCK_REALTIME) when the hello was written.
+    pub time_secs: i64,
+    pub time_nanos: u32,
+    /// The agent to start; only the first hello of a boot carries it.
+    pub agent: Option<VmAgentSpec>,
+}
+
+/// The agent a microVM guest starts on its first hello.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmAgentSpec {
+    pub entrypoint: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub agent_port: u16,
+    /// Unprivileged uid and gid the agent runs as inside the VM.
+    pub uid: u32,
+    pub gid: u32,
+    /// RLIMIT_NOFILE for the agent.
+    pub nofile: u64,
+    /// RLIMIT_NPROC for the agent's uid.
+    pub nproc: u64,
+}

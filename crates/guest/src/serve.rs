@@ -28,16 +28,67 @@ type Body = BoxBody<Bytes, hyper::Error>;
 
 /// How long the guest keeps answering after the agent exited on its own,
 /// so the host can still read the final status.
-const LINGER: Duration = Duration::from_millis(200);
+pub(crate) const LINGER: Duration = Duration::from_millis(200);
 /// Default grace between SIGTERM and SIGKILL on shutdown.
 const DEFAULT_GRACE: Duration = Duration::from_secs(5);
 
-struct Shared {
+pub(crate) struct Shared {
     agent: Pid,
     status: watch::Receiver<GuestStatus>,
     shutdown: AtomicBool,
     client: Client<HttpConnector, Incoming>,
     port: u16,
+}
+
+/// SIGCHLD and SIGTERM handlers; installed before the agent exists so that
+/// no exit is missed.
+pub(crate) struct Signals {
+    sigchld: tokio::signal::unix::Signal,
+    sigterm: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    pub(crate) fn install() -> std::io::Result<Self> {
+        Ok(Signals {
+            sigchld: signal(SignalKind::child())?,
+            sigterm: signal(SignalKind::terminate())?,
+        })
+    }
+}
+
+impl Shared {
+    /// Supervises `agent`: reaps children, forwards SIGTERM, and publishes
+    /// the agent's status.
+    pub(crate) fn start(signals: Signals, agent: Pid, port: u16) -> Arc<Shared> {
+        let (tx, rx) = watch::channel(GuestStatus {
+            agent_pid: Some(agent.as_raw()),
+            running: true,
+            ..GuestStatus::default()
+        });
+        tokio::spawn(reap(signals.sigchld, agent, tx));
+        tokio::spawn(forward_sigterm(signals.sigterm, agent));
+        Arc::new(Shared {
+            agent,
+            status: rx,
+            shutdown: AtomicBool::new(false),
+            client: Client::builder(TokioExecutor::new()).build(agent_connector()),
+            port,
+        })
+    }
+
+    pub(crate) fn status(&self) -> watch::Receiver<GuestStatus> {
+        self.status.clone()
+    }
+
+    /// True once the host asked for a shutdown.
+    pub(crate) fn shutting_down(&self) -> bool {
+        self.shutdown.load(Ordering::SeqCst)
+    }
+}
+
+/// The exit code the guest reports for the agent's final status.
+pub(crate) fn exit_code(last: &GuestStatus) -> i32 {
+    last.exit_code.or(last.signal.map(|s| 128 + s)).unwrap_or(1)
 }
 
 /// Runs until the agent exits (returns its exit code) or the host hangs up.
@@ -57,33 +108,21 @@ pub fn run(spec: &GuestSpec) -> i32 {
 }
 
 async fn serve(spec: &GuestSpec) -> i32 {
-    // Signal handlers go in before the agent exists so no exit is missed.
-    let (Ok(sigchld), Ok(sigterm)) = (signal(SignalKind::child()), signal(SignalKind::terminate()))
-    else {
+    let Ok(signals) = Signals::install() else {
         eprintln!("berth-guest: cannot install signal handlers");
         return 70;
     };
-    let agent = match spawn_agent(spec) {
+    let spawned = agent_command(&spec.entrypoint, &spec.env, spec.venv_dir.is_some())
+        .and_then(|mut cmd| spawn(&mut cmd));
+    let agent = match spawned {
         Ok(pid) => pid,
         Err(e) => {
             eprintln!("berth-guest: cannot start agent {:?}: {e}", spec.entrypoint);
             return 127;
         }
     };
-    let (tx, rx) = watch::channel(GuestStatus {
-        agent_pid: Some(agent.as_raw()),
-        running: true,
-        ..GuestStatus::default()
-    });
-    tokio::spawn(reap(sigchld, agent, tx));
-    tokio::spawn(forward_sigterm(sigterm, agent));
-    let shared = Arc::new(Shared {
-        agent,
-        status: rx.clone(),
-        shutdown: AtomicBool::new(false),
-        client: Client::builder(TokioExecutor::new()).build(agent_connector()),
-        port: spec.agent_port,
-    });
+    let shared = Shared::start(signals, agent, spec.agent_port);
+    let rx = shared.status();
     wait_for_end(shared, rx).await
 }
 
@@ -108,7 +147,7 @@ async fn wait_for_end(shared: Arc<Shared>, mut status: watch::Receiver<GuestStat
         let _ = tokio::time::timeout(LINGER, conn).await;
     }
     let last = *status.borrow();
-    last.exit_code.or(last.signal.map(|s| 128 + s)).unwrap_or(1)
+    exit_code(&last)
 }
 
 fn channel() -> std::io::Result<tokio::net::UnixStream> {
@@ -117,25 +156,33 @@ fn channel() -> std::io::Result<tokio::net::UnixStream> {
     tokio::net::UnixStream::from_std(stream)
 }
 
-fn spawn_agent(spec: &GuestSpec) -> std::io::Result<Pid> {
-    let (program, args) = spec
-        .entrypoint
+/// The agent's command line, cwd `/app`, and a clean environment.
+pub(crate) fn agent_command(
+    entrypoint: &[String],
+    env: &[(String, String)],
+    venv: bool,
+) -> std::io::Result<Command> {
+    let (program, args) = entrypoint
         .split_first()
         .ok_or(std::io::ErrorKind::InvalidInput)?;
-    let path = match spec.venv_dir {
-        Some(_) => "/venv/bin:/usr/local/bin:/usr/bin:/bin",
-        None => "/usr/local/bin:/usr/bin:/bin",
+    let path = match venv {
+        true => "/venv/bin:/usr/local/bin:/usr/bin:/bin",
+        false => "/usr/local/bin:/usr/bin:/bin",
     };
-    let child = Command::new(program)
-        .args(args)
+    let mut cmd = Command::new(program);
+    cmd.args(args)
         .current_dir("/app")
         .env_clear()
         .env("PATH", path)
         .env("HOME", "/tmp")
         .env("TMPDIR", "/tmp")
-        .envs(spec.env.iter().map(|(k, v)| (k, v)))
-        .stdin(Stdio::null())
-        .spawn()?;
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null());
+    Ok(cmd)
+}
+
+pub(crate) fn spawn(cmd: &mut Command) -> std::io::Result<Pid> {
+    let child = cmd.spawn()?;
     // The child is reaped by `reap` through waitpid(-1); the std handle is
     // dropped without waiting, which neither kills nor reaps it.
     Ok(Pid::from_raw(child.id() as i32))
@@ -174,7 +221,11 @@ async fn forward_sigterm(mut sigterm: tokio::signal::unix::Signal, agent: Pid) {
     }
 }
 
-async fn serve_channel(stream: tokio::net::UnixStream, shared: Arc<Shared>) {
+/// Serves HTTP/2 on `stream` until the host hangs up.
+pub(crate) async fn serve_channel<IO>(stream: IO, shared: Arc<Shared>)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let service = service_fn(move |req| handle(shared.clone(), req));
     let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     builder
