@@ -203,6 +203,20 @@ fn staged_base_runs_python_under_chroot_as_the_agent_user() {
         out.status.success() && !listed.contains("not found"),
         "{out:?}"
     );
+    // A shell and the basic tools run too (agents shell out).
+    let out = Command::new("/usr/sbin/chroot")
+        .args(["--userspec=1000:1000"])
+        .arg(&root)
+        .args(["/bin/sh", "-c", "sleep 0 && ls / >/dev/null && cat /etc/hostname 2>/dev/null; env true && echo shell-ok"])
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "shell-ok",
+        "{out:?}"
+    );
 }
 
 /// An app with a file, a subdirectory, an executable and a symlink, and a

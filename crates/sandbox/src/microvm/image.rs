@@ -46,7 +46,7 @@ use crate::{DriverError, Progress};
 
 /// Version of the image layout and of the builder; part of every image's
 /// hash, so changing what goes into an image (or how) means bumping it.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 /// Where the guest binary goes in the base image.
 pub const GUEST_PATH: &str = "/sbin/berth-guest";
@@ -725,6 +725,17 @@ pub fn stage_base(guest_binary: &Path, python: &Path, dir: &Path) -> Result<(), 
     plan_base(guest_binary, python)?.stage(dir)
 }
 
+/// Host programs copied into the base image (with their libraries) when
+/// the host has them: `/bin/sh` and the coreutils agents most often call.
+pub const BASE_TOOLS: &[&str] = &[
+    "/bin/sh",
+    "/usr/bin/env",
+    "/usr/bin/sleep",
+    "/usr/bin/cat",
+    "/usr/bin/ls",
+    "/usr/bin/true",
+];
+
 fn plan_base(guest_binary: &Path, python: &Path) -> Result<Tree, DriverError> {
     let mut t = Tree::new(Kind::Base);
     if !python.is_absolute() {
@@ -771,7 +782,14 @@ fn plan_base(guest_binary: &Path, python: &Path) -> Result<Tree, DriverError> {
         Err(_) => PathBuf::from("sbin"),
     };
     t.add_guest(guest_binary, &guest_dir.join("berth-guest"))?;
-    t.add_libraries(&python_real, guest_binary)?;
+    // A shell and the basic tools agents shell out to, as on the host.
+    let mut tools = Vec::new();
+    for tool in BASE_TOOLS.iter().map(Path::new) {
+        if fs::symlink_metadata(tool).is_ok() {
+            tools.push(t.add_chain(tool)?);
+        }
+    }
+    t.add_libraries(&python_real, guest_binary, &tools)?;
     t.add_generated()?;
     Ok(t)
 }
@@ -995,7 +1013,12 @@ impl Tree {
     /// guest load, as the host's dynamic loader resolves them, plus
     /// `libgcc_s.so.1` from libc's directory: glibc `dlopen`s it for
     /// `pthread_exit` and cancellation, which `--list` cannot see.
-    fn add_libraries(&mut self, python: &Path, guest: &Path) -> Result<(), DriverError> {
+    fn add_libraries(
+        &mut self,
+        python: &Path,
+        guest: &Path,
+        tools: &[PathBuf],
+    ) -> Result<(), DriverError> {
         let py = elf_info(python).map_err(DriverError::io("read", python))?;
         let guest_elf = elf_info(guest).map_err(DriverError::io("read", guest))?;
         let interp = py.interp.clone().or(guest_elf.interp.clone());
@@ -1003,6 +1026,12 @@ impl Tree {
         for (path, elf) in [(python, &py), (guest, &guest_elf)] {
             if elf.interp.is_some() {
                 objects.push(path.to_owned());
+            }
+        }
+        for tool in tools {
+            let elf = elf_info(tool).map_err(DriverError::io("read", tool))?;
+            if elf.interp.is_some() {
+                objects.push(tool.clone());
             }
         }
         for src in self.nodes.values() {
