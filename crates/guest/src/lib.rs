@@ -7,6 +7,7 @@
 //! `/_berth/shutdown`, and everything else relayed to the agent.
 #![deny(unsafe_code)]
 
+mod oci;
 pub mod proto;
 mod rootfs;
 mod seccomp;
@@ -29,6 +30,7 @@ pub fn main() -> ! {
     }
     match (args.get(1).map(String::as_str), args.get(2)) {
         (Some("setup"), Some(spec)) if args.len() == 3 => run(spec),
+        (Some("oci"), Some(spec)) if args.len() == 3 => oci::run(spec),
         _ => {
             eprintln!("usage: berth-guest setup <spec.json>   (started by berth, channel on fd 3)");
             std::process::exit(2)

@@ -106,7 +106,7 @@ pub fn build_sandbox(spec: &GuestSpec) -> Result<(), Fail> {
     lock_down()
 }
 
-fn set_rlimits(spec: &GuestSpec) -> Result<(), Fail> {
+pub(crate) fn set_rlimits(spec: &GuestSpec) -> Result<(), Fail> {
     setrlimit(Resource::RLIMIT_NOFILE, spec.nofile, spec.nofile).at("rlimit-nofile")?;
     setrlimit(Resource::RLIMIT_CORE, 0, 0).at("rlimit-core")?;
     // The uid belongs to this sandbox alone, so a per-uid process cap is a
@@ -116,7 +116,7 @@ fn set_rlimits(spec: &GuestSpec) -> Result<(), Fail> {
 
 /// Becomes the session uid: no groups, no capabilities (a non-zero uid
 /// after setresuid clears the permitted and effective sets).
-fn drop_privileges(spec: &GuestSpec) -> Result<(), Fail> {
+pub(crate) fn drop_privileges(spec: &GuestSpec) -> Result<(), Fail> {
     setgroups(&[]).at("setgroups")?;
     let gid = Gid::from_raw(spec.gid);
     setresgid(gid, gid, gid).at("setresgid")?;
@@ -133,7 +133,7 @@ fn drop_privileges(spec: &GuestSpec) -> Result<(), Fail> {
 
 /// no_new_privs, not dumpable (so the agent cannot open /proc/1/{mem,exe,
 /// root} of the guest), and the seccomp filter.
-fn lock_down() -> Result<(), Fail> {
+pub(crate) fn lock_down() -> Result<(), Fail> {
     nix::sys::prctl::set_no_new_privs().at("no-new-privs")?;
     nix::sys::prctl::set_dumpable(false).at("dumpable")?;
     seccomp::install().map_err(|e| Fail {

@@ -6,6 +6,7 @@
 
 mod client;
 mod error;
+pub mod gvisor;
 pub mod microvm;
 pub mod probe;
 pub mod process;

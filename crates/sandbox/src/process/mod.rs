@@ -2,10 +2,10 @@
 //! cgroup v1 limits, a private uid per sandbox, no_new_privs and seccomp.
 //! The guest binary does the in-sandbox half (see berth-guest).
 
-mod cgroup;
-mod cleanup;
+pub(crate) mod cgroup;
+pub(crate) mod cleanup;
 mod live;
-mod spawn;
+pub(crate) mod spawn;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};

@@ -292,3 +292,41 @@ pub fn init_tracing() {
         .with_test_writer()
         .try_init();
 }
+
+// ---- gvisor substrate helpers (owned by the gvisor tests) ----
+
+pub struct GvisorEnv {
+    pub driver: berth_sandbox::gvisor::GvisorDriver,
+    pub state: tempfile::TempDir,
+    pub cfg: berth_sandbox::gvisor::GvisorConfig,
+}
+
+/// A gVisor driver with its own cgroup parent and state dir. Fails (never
+/// skips) when runsc is missing.
+pub fn gvisor_env() -> GvisorEnv {
+    require_host();
+    let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+    let state = tempfile::Builder::new()
+        .prefix("berth-gvisor")
+        .tempdir()
+        .unwrap();
+    let mut cfg = berth_sandbox::gvisor::GvisorConfig::new(state.path(), guest_binary());
+    cfg.cgroup_name = format!("berth-gvisor-test-{}-{n}", std::process::id());
+    cfg.tmp_size_mb = 64;
+    let driver = match berth_sandbox::gvisor::GvisorDriver::new(cfg.clone()) {
+        Ok(d) => d,
+        Err(e) => panic!("gVisor unavailable ({e}); install it with `apt-get install runsc`"),
+    };
+    GvisorEnv { driver, state, cfg }
+}
+
+impl Drop for GvisorEnv {
+    fn drop(&mut self) {
+        for c in berth_sandbox::process::CONTROLLERS {
+            let dir = Path::new(berth_sandbox::process::CGROUP_ROOT)
+                .join(c)
+                .join(&self.cfg.cgroup_name);
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}

@@ -1,0 +1,216 @@
+//! The OCI bundle of one sandbox: `config.json` and a nearly empty root.
+//!
+//! Layout under `<state_dir>/<sandbox_id>/`:
+//! `bundle/config.json`, `bundle/rootfs/` (usrmerge symlinks, a generated
+//! `/etc`, mount points), `spec.json` (the guest's spec) and `runsc/` (the
+//! runtime's state, `--root`).
+
+use std::fs;
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+
+use berth_guest::proto::GuestSpec;
+use serde_json::{json, Value};
+
+use super::GvisorConfig;
+use crate::{DriverError, SandboxSpec};
+
+/// Where the guest binary and its spec appear inside the sandbox.
+pub const GUEST_PATH: &str = "/.berth/guest";
+pub const SPEC_PATH: &str = "/.berth/spec.json";
+
+/// Paths of one sandbox's state directory.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    pub dir: PathBuf,
+}
+
+impl Layout {
+    pub fn new(state_dir: &Path, id: &str) -> Self {
+        Layout {
+            dir: state_dir.join(id),
+        }
+    }
+    pub fn bundle(&self) -> PathBuf {
+        self.dir.join("bundle")
+    }
+    pub fn rootfs(&self) -> PathBuf {
+        self.bundle().join("rootfs")
+    }
+    pub fn spec(&self) -> PathBuf {
+        self.dir.join("spec.json")
+    }
+    pub fn runsc_root(&self) -> PathBuf {
+        self.dir.join("runsc")
+    }
+}
+
+/// Writes the bundle, the guest's spec and the runtime's state directory.
+pub fn write(layout: &Layout, cfg: &GvisorConfig, spec: &SandboxSpec) -> Result<(), DriverError> {
+    let rootfs = layout.rootfs();
+    for dir in [rootfs.join("etc"), layout.runsc_root()] {
+        fs::create_dir_all(&dir).map_err(DriverError::io("create", &dir))?;
+    }
+    write_root(&rootfs, cfg)?;
+    let guest = guest_spec(cfg, spec);
+    let path = layout.spec();
+    let json =
+        serde_json::to_vec(&guest).map_err(|e| DriverError::io("encode", &path)(e.into()))?;
+    fs::write(&path, json).map_err(DriverError::io("write", &path))?;
+    let config = config(layout, cfg, spec);
+    let path = layout.bundle().join("config.json");
+    let json = serde_json::to_vec_pretty(&config)
+        .map_err(|e| DriverError::io("encode", &path)(e.into()))?;
+    fs::write(&path, json).map_err(DriverError::io("write", &path))
+}
+
+/// The guest's spec. Fields only the process substrate's setup uses get
+/// in-sandbox values that mean nothing here (no cgroups to join, the
+/// runtime built the root and `/app`).
+fn guest_spec(cfg: &GvisorConfig, spec: &SandboxSpec) -> GuestSpec {
+    GuestSpec {
+        sandbox_id: spec.sandbox_id.clone(),
+        root_dir: PathBuf::from("/"),
+        upper_dir: PathBuf::from("/app"),
+        work_dir: PathBuf::from("/app"),
+        app_dir: PathBuf::from("/app"),
+        venv_dir: spec.venv_dir.as_ref().map(|_| PathBuf::from("/venv")),
+        entrypoint: spec.entrypoint.clone(),
+        env: spec.env.clone(),
+        agent_port: spec.agent_port,
+        uid: cfg.agent_uid,
+        gid: cfg.agent_uid,
+        cgroup_procs: Vec::new(),
+        tmp_size_mb: cfg.tmp_size_mb,
+        readonly_host_paths: Vec::new(),
+        nofile: cfg.nofile,
+        nproc: spec.limits.pids,
+    }
+}
+
+/// usrmerge symlinks, `/etc` files, and the mount points of file mounts
+/// (the root is read-only, so the runtime cannot create them).
+fn write_root(rootfs: &Path, cfg: &GvisorConfig) -> Result<(), DriverError> {
+    for name in ["bin", "sbin", "lib", "lib32", "lib64", "libx32"] {
+        if let Ok(target) = fs::read_link(Path::new("/").join(name)) {
+            let link = rootfs.join(name);
+            symlink(&target, &link).map_err(DriverError::io("symlink", &link))?;
+        }
+    }
+    for dir in ["app", "tmp", "proc", "dev", "venv", ".berth"] {
+        let path = rootfs.join(dir);
+        fs::create_dir_all(&path).map_err(DriverError::io("create", &path))?;
+    }
+    for file in [GUEST_PATH, SPEC_PATH] {
+        touch(&rootfs.join(&file[1..]))?;
+    }
+    for host in existing(&cfg.readonly_host_paths) {
+        let dst = rootfs.join(host.strip_prefix("/").unwrap_or(host));
+        if host.is_dir() {
+            fs::create_dir_all(&dst).map_err(DriverError::io("create", &dst))?;
+        } else {
+            touch(&dst)?;
+        }
+    }
+    let uid = cfg.agent_uid;
+    let files = [
+        (
+            "passwd",
+            format!(
+                "root:x:0:0:root:/root:/usr/sbin/nologin\n\
+                 agent:x:{uid}:{uid}:agent:/tmp:/usr/sbin/nologin\n\
+                 nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
+            ),
+        ),
+        (
+            "group",
+            format!("root:x:0:\nagent:x:{uid}:\nnogroup:x:65534:\n"),
+        ),
+        ("hostname", "berth\n".to_string()),
+        (
+            "hosts",
+            "127.0.0.1 localhost berth\n::1 localhost\n".to_string(),
+        ),
+    ];
+    for (name, content) in files {
+        let path = rootfs.join("etc").join(name);
+        fs::write(&path, content).map_err(DriverError::io("write", &path))?;
+    }
+    Ok(())
+}
+
+fn touch(path: &Path) -> Result<(), DriverError> {
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent).map_err(DriverError::io("create", parent))?;
+    }
+    fs::write(path, b"").map_err(DriverError::io("write", path))
+}
+
+fn existing(paths: &[PathBuf]) -> impl Iterator<Item = &PathBuf> {
+    paths.iter().filter(|p| p.is_absolute() && p.exists())
+}
+
+fn bind(dst: &str, src: &Path, mode: &str) -> Value {
+    json!({
+        "destination": dst,
+        "type": "bind",
+        "source": src,
+        "options": ["rbind", mode, "nosuid", "nodev"],
+    })
+}
+
+/// The OCI runtime spec. The guest starts as uid 0 *of the sandbox's
+/// kernel* with three capabilities: CHOWN to hand `/app` to the agent,
+/// SETUID/SETGID to become the agent's uid; it drops all of them before
+/// it reports ready. `/app` is a read-write bind of the version's directory
+/// that runsc's in-memory overlay (`--overlay2=all:memory`) keeps private.
+fn config(layout: &Layout, cfg: &GvisorConfig, spec: &SandboxSpec) -> Value {
+    let mut mounts = vec![
+        json!({"destination": "/proc", "type": "proc", "source": "proc"}),
+        json!({"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+               "options": ["nosuid", "noexec", "mode=755", "size=64k"]}),
+        json!({"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
+               "options": ["nosuid", "nodev", "mode=1777", format!("size={}m", cfg.tmp_size_mb)]}),
+    ];
+    for host in existing(&cfg.readonly_host_paths) {
+        mounts.push(bind(&host.to_string_lossy(), host, "ro"));
+    }
+    mounts.push(bind("/app", &spec.app_dir, "rw"));
+    if let Some(venv) = &spec.venv_dir {
+        mounts.push(bind("/venv", venv, "ro"));
+    }
+    mounts.push(bind(GUEST_PATH, &cfg.guest_binary, "ro"));
+    mounts.push(bind(SPEC_PATH, &layout.spec(), "ro"));
+    let caps = ["CAP_CHOWN", "CAP_SETUID", "CAP_SETGID"];
+    let rlimit = |kind: &str, n: u64| json!({"type": kind, "hard": n, "soft": n});
+    json!({
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": false,
+            "user": {"uid": 0, "gid": 0},
+            "args": [GUEST_PATH, "oci", SPEC_PATH],
+            "env": [],
+            "cwd": "/",
+            "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
+            "noNewPrivileges": true,
+            "rlimits": [
+                rlimit("RLIMIT_NOFILE", cfg.nofile),
+                rlimit("RLIMIT_NPROC", spec.limits.pids),
+                rlimit("RLIMIT_CORE", 0),
+            ],
+        },
+        "root": {"path": "rootfs", "readonly": true},
+        "hostname": "berth",
+        "mounts": mounts,
+        "linux": {
+            "namespaces": [
+                {"type": "pid"}, {"type": "network"}, {"type": "ipc"},
+                {"type": "uts"}, {"type": "mount"},
+            ],
+            "resources": {
+                "memory": {"limit": spec.limits.memory_bytes},
+                "pids": {"limit": spec.limits.pids},
+            },
+        },
+    })
+}
