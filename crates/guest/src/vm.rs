@@ -276,12 +276,27 @@ async fn open_port() -> io::Result<Port> {
     }
 }
 
+/// Looks the port up in sysfs, mounted for the moment under /run (the
+/// base image has no /sys, and the agent needs none).
 fn find_port() -> Option<PathBuf> {
-    fs::read_dir("/sys/class/virtio-ports")
-        .ok()?
-        .flatten()
-        .find(|e| fs::read_to_string(e.path().join("name")).is_ok_and(|n| n.trim() == VM_PORT_NAME))
-        .map(|e| Path::new("/dev").join(e.file_name()))
+    let sys = Path::new("/run/sys");
+    mkdirs(sys).ok()?;
+    let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC | MsFlags::MS_RDONLY;
+    mount_at(None, sys, Some("sysfs"), flags, None).ok()?;
+    let found = fs::read_dir(sys.join("class/virtio-ports"))
+        .ok()
+        .and_then(|entries| {
+            entries
+                .flatten()
+                .find(|e| {
+                    fs::read_to_string(e.path().join("name"))
+                        .is_ok_and(|n| n.trim() == VM_PORT_NAME)
+                })
+                .map(|e| Path::new("/dev").join(e.file_name()))
+        });
+    let _ = nix::mount::umount2(sys, nix::mount::MntFlags::MNT_DETACH);
+    let _ = fs::remove_dir(sys);
+    found
 }
 
 /// Reads lines until one is a valid hello. EOF means no host is connected

@@ -1,0 +1,116 @@
+//! The microvm substrate with real QEMU, the real guest kernel and real
+//! python agents. Needs root, cgroup v1, qemu-system-x86_64 and the kernel
+//! from `scripts/build-kernel /var/cache/berth-ci/kernel` (or
+//! BERTH_TEST_KERNEL).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use berth_sandbox::microvm::{Accel, MicrovmConfig, MicrovmDriver};
+use berth_sandbox::process::{CGROUP_ROOT, CONTROLLERS};
+use berth_sandbox::{Driver, Sandbox};
+use common::*;
+use http_body_util::BodyExt;
+
+static N: AtomicU32 = AtomicU32::new(0);
+
+fn kernel() -> PathBuf {
+    let path = std::env::var("BERTH_TEST_KERNEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from("/var/cache/berth-ci/kernel/vmlinux"));
+    assert!(
+        path.is_file(),
+        "guest kernel {path:?} missing: build it with `scripts/build-kernel /var/cache/berth-ci/kernel` \
+         (or point BERTH_TEST_KERNEL at one)"
+    );
+    path
+}
+
+struct VmEnv {
+    driver: MicrovmDriver,
+    cfg: MicrovmConfig,
+    _state: tempfile::TempDir,
+}
+
+impl Drop for VmEnv {
+    fn drop(&mut self) {
+        for c in CONTROLLERS {
+            let _ = std::fs::remove_dir(Path::new(CGROUP_ROOT).join(c).join(&self.cfg.cgroup_name));
+        }
+    }
+}
+
+/// A microVM driver with its own state dir, cgroup parent and uid range;
+/// images are cached across tests in one shared store.
+fn vm_env(accel: Accel) -> VmEnv {
+    require_host();
+    let n = N.fetch_add(1, Ordering::SeqCst);
+    let state = tempfile::Builder::new()
+        .prefix("berth-vm-state")
+        .tempdir()
+        .unwrap();
+    let cfg = microvm_config(state.path(), n, accel);
+    let driver = MicrovmDriver::new(cfg.clone()).unwrap();
+    VmEnv {
+        driver,
+        cfg,
+        _state: state,
+    }
+}
+
+fn microvm_config(state: &Path, n: u32, accel: Accel) -> MicrovmConfig {
+    let mut cfg = MicrovmConfig::new(state, guest_binary(), kernel());
+    cfg.images_dir = Some(PathBuf::from("/var/tmp/berth-test-vm-images"));
+    cfg.cgroup_name = format!("berth-vm-test-{}-{n}", std::process::id());
+    cfg.uid_base = 500_000 + n * 100 + (std::process::id() % 1000) * 10_000;
+    cfg.uid_count = 100;
+    cfg.accel = accel;
+    cfg
+}
+
+async fn start(env: &VmEnv, app: &Path, snapshot: bool) -> Sandbox {
+    let mut sp = spec("vm", app);
+    sp.snapshot = snapshot;
+    env.driver.start(sp).await.unwrap()
+}
+
+#[tokio::test]
+async fn round_trip_and_streaming() {
+    init_tracing();
+    let env = vm_env(Accel::Tcg);
+    let app = app(AGENT);
+    let t = Instant::now();
+    let sb = start(&env, app.path(), true).await;
+    eprintln!("first start (template build + clone): {:?}", t.elapsed());
+    let (status, body) = call(&sb, "POST", "/invocations", r#"{"prompt":"hi"}"#).await;
+    assert_eq!(status, 200);
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["echo"], r#"{"prompt":"hi"}"#);
+    // SSE arrives chunk by chunk, not at the end.
+    let req = http::Request::get("/stream").body(body_of("")).unwrap();
+    let resp = sb.request(req).await.unwrap();
+    let mut body = resp.into_body();
+    let mut arrivals = Vec::new();
+    while let Some(frame) = body.frame().await {
+        if frame.unwrap().data_ref().is_some() {
+            arrivals.push(Instant::now());
+        }
+    }
+    assert!(arrivals.len() >= 5, "{} chunks", arrivals.len());
+    let spread = *arrivals.last().unwrap() - arrivals[0];
+    assert!(
+        spread > Duration::from_millis(900),
+        "chunks bunched: {spread:?}"
+    );
+    let status = sb.guest_status().await.unwrap();
+    assert!(status.running);
+    sb.terminate(Duration::from_secs(1)).await.unwrap();
+}
+
+fn body_of(s: &str) -> berth_sandbox::BoxBody {
+    body(s.to_string())
+}
