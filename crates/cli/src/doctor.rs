@@ -8,13 +8,32 @@ use crate::Global;
 use anyhow::{Context, Result};
 use serde_json::Value;
 
-pub fn run(g: &Global) -> Result<()> {
+#[derive(clap::Args, Debug)]
+pub struct DoctorArgs {
+    /// The server's configuration file: substrates are probed with its
+    /// `[gvisor]` and `[microvm]` settings (default: built-in defaults).
+    #[arg(long)]
+    pub config: Option<std::path::PathBuf>,
+}
+
+pub async fn run(g: &Global, args: &DoctorArgs) -> Result<()> {
     let report = berth_sandbox::probe::probe();
-    let v = serde_json::to_value(&report).context("encoding the host report")?;
+    let cfg = berth_server::Config::load(args.config.as_deref()).context("reading the config")?;
+    let substrates = berth_server::substrates::probe_all(&cfg).await;
+    let mut v = serde_json::to_value(&report).context("encoding the host report")?;
     if g.json {
+        v["substrates"] = serde_json::to_value(&substrates).context("encoding substrates")?;
         return out_json(&v);
     }
-    out(checks_table(&v))
+    out(checks_table(&v))?;
+    let rows = substrates.iter().map(|s| {
+        vec![
+            s.substrate.clone(),
+            if s.available { "yes" } else { "no" }.to_owned(),
+            s.detail.clone(),
+        ]
+    });
+    out(render::table(&["substrate", "works here", "detail"], rows))
 }
 
 /// One row per top-level field: `check`, `ok`, `detail`.

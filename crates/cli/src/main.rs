@@ -90,8 +90,9 @@ enum Command {
     Logs(logs::LogsArgs),
     /// Resource usage, summed per session, agent, user or tenant.
     Usage(sessions::UsageArgs),
-    /// Check what this host supports for sandboxing.
-    Doctor,
+    /// Check what this host supports for sandboxing, and which substrates
+    /// (process, gvisor, microvm) it can run and why not.
+    Doctor(doctor::DoctorArgs),
     /// Authentication failures, denied accesses and admin actions.
     Audit(audit::AuditArgs),
 }
@@ -107,7 +108,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Sessions(cmd) => sessions::run(g, cmd).await,
         Command::Logs(args) => logs::run(g, args).await,
         Command::Usage(args) => sessions::usage(g, args).await,
-        Command::Doctor => doctor::run(g),
+        Command::Doctor(args) => doctor::run(g, &args).await,
         Command::Audit(args) => audit::run(g, args).await,
     }
 }

@@ -104,10 +104,6 @@ pub struct GvisorSection {
     /// runsc platforms tried in order at start-up; the first that runs a
     /// probe container is used (default ["ptrace"]).
     pub platforms: Vec<String>,
-    /// First host uid of gVisor sandboxes (default 220000).
-    pub uid_base: u32,
-    /// Number of uids, i.e. concurrent gVisor sandboxes (default 10000).
-    pub uid_count: u32,
 }
 
 impl Default for GvisorSection {
@@ -115,8 +111,6 @@ impl Default for GvisorSection {
         Self {
             runsc: PathBuf::from("runsc"),
             platforms: vec!["ptrace".into()],
-            uid_base: 220_000,
-            uid_count: 10_000,
         }
     }
 }

@@ -14,7 +14,7 @@ mod invoke;
 mod metrics;
 mod serve;
 mod sessions;
-mod substrates;
+pub mod substrates;
 
 pub use config::{Config, ConfigError};
 pub use serve::{run, ServerError};
@@ -74,6 +74,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/sessions/{id}/events/stream", get(sessions::stream))
         .route("/v1/usage", get(sessions::usage))
         .route("/v1/audit", get(audit::list))
+        .route("/v1/substrates", get(substrates::list))
         .fallback(|| async { error::ApiError::not_found("route") })
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
