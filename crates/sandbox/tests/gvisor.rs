@@ -187,13 +187,16 @@ async fn memory_limit_ends_the_sandbox_not_the_host() {
     };
     let usage = sb.usage().await;
     let mut exited = sb.exited();
-    let ended = tokio::time::timeout(Duration::from_secs(10), exited.wait_for(|e| *e)).await;
-    assert!(
-        ended.is_ok(),
-        "sandbox outlived its memory limit: {survived}"
-    );
+    // `is_ok` at once: the guard `wait_for` returns would block the
+    // sandbox's own exit notice during terminate.
+    let ended = tokio::time::timeout(Duration::from_secs(10), exited.wait_for(|e| *e))
+        .await
+        .is_ok();
+    assert!(ended, "sandbox outlived its memory limit: {survived}");
+    // v1 charges in per-cpu batches, so the peak may pass the limit by a
+    // few pages, never by more.
     if let Ok(u) = usage {
-        assert!(u.peak_memory_bytes <= 160 << 20, "{u:?}");
+        assert!(u.peak_memory_bytes <= (160 << 20) + (1 << 20), "{u:?}");
     }
     sb.terminate(Duration::from_secs(1)).await.unwrap();
 }

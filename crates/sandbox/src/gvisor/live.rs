@@ -218,14 +218,17 @@ impl Live {
             // Our direct child, not yet reaped: the pid cannot have been reused.
             let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
         }
+        let t = Instant::now();
         let this = self.clone();
         let usage = blocking(move || this.kill_and_measure()).await?;
+        tracing::debug!(sandbox = %self.id, elapsed = ?t.elapsed(), "killed");
         if runsc_pid.is_some() {
             let mut exited = self.exited.clone();
             let _ = tokio::time::timeout(KILL_TIMEOUT, exited.wait_for(|e| *e)).await;
         }
         let this = self.clone();
         blocking(move || this.remove_files()).await?;
+        tracing::debug!(sandbox = %self.id, elapsed = ?t.elapsed(), "removed");
         self.inner
             .ids
             .lock()
