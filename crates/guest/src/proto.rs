@@ -101,6 +101,12 @@ pub struct VmHello {
     pub time_nanos: u32,
     /// The agent to start; only the first hello of a boot carries it.
     pub agent: Option<VmAgentSpec>,
+    /// Template boot: the guest answers only once the agent's `/ping`
+    /// answered 200 (waiting at most this many ms), speaks no HTTP/2 on
+    /// this connection and waits for the next hello. A snapshot taken then
+    /// has nothing in flight on the port.
+    #[serde(default)]
+    pub park_after_ping_ms: Option<u64>,
 }
 
 /// The agent a microVM guest starts on its first hello.

@@ -80,6 +80,23 @@ impl Shared {
         self.status.clone()
     }
 
+    /// True when the agent answers GET /ping with 200.
+    pub(crate) async fn ping(&self) -> bool {
+        let client: Client<HttpConnector, http_body_util::Empty<Bytes>> =
+            Client::builder(TokioExecutor::new()).build(agent_connector());
+        let Ok(uri) = format!("http://127.0.0.1:{}/ping", self.port).parse::<http::Uri>() else {
+            return false;
+        };
+        match client.get(uri).await {
+            Ok(resp) => {
+                let ok = resp.status() == StatusCode::OK;
+                let _ = resp.into_body().collect().await;
+                ok
+            }
+            Err(_) => false,
+        }
+    }
+
     /// True once the host asked for a shutdown.
     pub(crate) fn shutting_down(&self) -> bool {
         self.shutdown.load(Ordering::SeqCst)

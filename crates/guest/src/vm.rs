@@ -225,9 +225,12 @@ async fn channel_loop() -> i32 {
         let Some(shared) = agent.clone() else {
             return 70;
         };
+        if let Some(ms) = hello.park_after_ping_ms {
+            wait_ping(&shared, Duration::from_millis(ms)).await;
+        }
         let ready = format!("{VM_READY_PREFIX}{}\n", hello.nonce);
         let mut conn = PortConn::new(port.clone());
-        if conn.write_all(ready.as_bytes()).await.is_err() {
+        if conn.write_all(ready.as_bytes()).await.is_err() || hello.park_after_ping_ms.is_some() {
             continue;
         }
         if serve_until_end(conn, &shared).await {
@@ -238,6 +241,15 @@ async fn channel_loop() -> i32 {
     match &agent {
         Some(shared) => serve::exit_code(&shared.status().borrow()),
         None => 70,
+    }
+}
+
+/// Polls the agent's /ping until 200 or `timeout` (the host then sees
+/// the template fail its own check).
+async fn wait_ping(shared: &Shared, timeout: Duration) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !shared.ping().await && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 

@@ -111,6 +111,53 @@ async fn round_trip_and_streaming() {
     sb.terminate(Duration::from_secs(1)).await.unwrap();
 }
 
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
 fn body_of(s: &str) -> berth_sandbox::BoxBody {
     body(s.to_string())
+}
+
+const PROBE: &str = "import os, time, uuid\nt = time.monotonic()\ntime.sleep(0.2)\nresult = {'rand': os.urandom(16).hex(), 'uuid': str(uuid.uuid4()), 'now': time.time(), 'slept': time.monotonic() - t, 'session': open('/run/berth/session_id').read()}";
+
+/// Two clones of one template: different kernel randomness, the host's
+/// clock, their own session id, and working timers.
+#[tokio::test]
+async fn clones_get_fresh_entropy_clock_and_identity() {
+    init_tracing();
+    let env = vm_env(Accel::Tcg);
+    let app = app(AGENT);
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let mut sp = spec("vm", app.path());
+        let session = sp.session_id.clone();
+        sp.snapshot = true;
+        let sb = env.driver.start(sp).await.unwrap();
+        let before = unix_now();
+        let v = tokio::time::timeout(Duration::from_secs(20), run_py(&sb, PROBE))
+            .await
+            .expect("agent answers after the restore");
+        let after = unix_now();
+        // The template was snapshotted long before: without the hello's
+        // clock the guest would be behind by the whole build.
+        let now = v["now"].as_f64().unwrap();
+        assert!(
+            now > before - 1.0 && now < after + 1.0,
+            "guest clock {now} outside the host's [{before}, {after}]"
+        );
+        let slept = v["slept"].as_f64().unwrap();
+        assert!((0.19..2.0).contains(&slept), "sleep(0.2) took {slept}");
+        assert_eq!(v["session"], session.as_str());
+        seen.push(v);
+        sb.terminate(Duration::from_secs(1)).await.unwrap();
+    }
+    assert_ne!(
+        seen[0]["rand"], seen[1]["rand"],
+        "clones share kernel RNG state"
+    );
+    assert_ne!(seen[0]["uuid"], seen[1]["uuid"]);
 }

@@ -161,8 +161,15 @@ impl Vm {
         &self,
         session_id: &str,
         agent: Option<VmAgentSpec>,
+        park: Option<Duration>,
     ) -> Result<UnixStream, DriverError> {
         let cfg = &self.inner.cfg;
+        // A parking guest answers only after its agent is healthy; a resent
+        // hello would reach it after the host hung up.
+        let (retry, timeout) = match park {
+            Some(t) => (t + cfg.boot_timeout, t + cfg.boot_timeout),
+            None => (cfg.hello_retry, cfg.boot_timeout),
+        };
         let mut exited = self.exited.clone();
         let exchange = async {
             let mut stream = connect_retry(&self.agent_path(), cfg.boot_timeout).await?;
@@ -177,6 +184,7 @@ impl Vm {
                     time_secs: 0,
                     time_nanos: 0,
                     agent: agent.clone(),
+                    park_after_ping_ms: park.map(|t| t.as_millis() as u64),
                 };
                 let mut bytes = serde_json::to_vec(&stamped(hello))
                     .map_err(|e| DriverError::Vmm(format!("encode hello: {e}")))?;
@@ -185,7 +193,7 @@ impl Vm {
                     .write_all(&bytes)
                     .await
                     .map_err(|_| DriverError::GuestGone)?;
-                let attempt = tokio::time::Instant::now() + cfg.hello_retry;
+                let attempt = tokio::time::Instant::now() + retry;
                 while let Ok(byte) = tokio::time::timeout_at(attempt, stream.read_u8()).await {
                     let byte = byte.map_err(|_| DriverError::GuestGone)?;
                     if byte != b'\n' {
@@ -202,8 +210,8 @@ impl Vm {
             }
         };
         tokio::select! {
-            r = tokio::time::timeout(cfg.boot_timeout, exchange) => {
-                r.map_err(|_| DriverError::SetupTimeout(cfg.boot_timeout))?
+            r = tokio::time::timeout(timeout, exchange) => {
+                r.map_err(|_| DriverError::SetupTimeout(timeout))?
             }
             _ = exited.wait_for(|e| *e) => Err(self.gone()),
         }
@@ -342,11 +350,11 @@ pub(crate) async fn start(inner: Arc<Inner>, spec: SandboxSpec) -> Result<Sandbo
             Some(t) => {
                 vm.launch(accel, disks, Memory::Clone(&t.memory), true)?;
                 restore(&vm, &t.state).await?;
-                vm.hello(&spec.session_id, None).await?
+                vm.hello(&spec.session_id, None, None).await?
             }
             None => {
                 vm.launch(accel, disks, Memory::Private, false)?;
-                vm.hello(&spec.session_id, Some(vm.agent_spec(&spec)))
+                vm.hello(&spec.session_id, Some(vm.agent_spec(&spec)), None)
                     .await?
             }
         };

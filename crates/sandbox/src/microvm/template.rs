@@ -162,16 +162,15 @@ async fn snapshot(
     let cfg = &inner.cfg;
     let vmm = vm.launch(accel, disks, Memory::TemplateSource(memory), false)?;
     let mut qmp = Qmp::connect(&vm.qmp_path(), cfg.boot_timeout).await?;
-    let stream = vm.hello("template", Some(vm.agent_spec(spec))).await?;
-    let client = GuestClient::handshake(stream, cfg.channel.clone()).await?;
-    let parked_before = *vmm.parked.borrow();
-    wait_ping(&client, cfg.template_timeout).await?;
-    drop(client);
-    let mut parked = vmm.parked.clone();
-    tokio::time::timeout(cfg.boot_timeout, parked.wait_for(|n| *n > parked_before))
-        .await
-        .map_err(|_| DriverError::Vmm("template guest did not park its channel".into()))?
-        .map_err(|_| DriverError::GuestGone)?;
+    // The guest answers once its agent is healthy, without HTTP/2, and
+    // waits for the next hello: nothing is in flight on the port when the
+    // host hangs up and the VM stops.
+    let agent = Some(vm.agent_spec(spec));
+    let stream = vm
+        .hello("template", agent, Some(cfg.template_timeout))
+        .await?;
+    drop(stream);
+    let _ = vmm;
     qmp.execute("stop", json!({})).await?;
     qmp.execute("migrate-set-capabilities", ignore_shared())
         .await?;
