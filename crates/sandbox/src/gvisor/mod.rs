@@ -201,12 +201,14 @@ pub fn probe(cfg: &GvisorConfig) -> SubstrateReport {
     }
 }
 
+/// runsc and the platform list probed.
 type ProbeKey = (PathBuf, Vec<String>);
+/// The resolved runsc and the chosen platform, or why none works.
+type ProbeResult = Result<(PathBuf, String), String>;
 
 /// The first platform of the list that runs `/bin/true`; cached.
-fn choose_platform(cfg: &GvisorConfig) -> Result<(PathBuf, String), String> {
-    static CACHE: OnceLock<Mutex<HashMap<ProbeKey, Result<(PathBuf, String), String>>>> =
-        OnceLock::new();
+fn choose_platform(cfg: &GvisorConfig) -> ProbeResult {
+    static CACHE: OnceLock<Mutex<HashMap<ProbeKey, ProbeResult>>> = OnceLock::new();
     let cache = CACHE.get_or_init(Default::default);
     let key = (cfg.runsc.clone(), cfg.platforms.clone());
     // Held across the probe so concurrent constructors probe only once.
@@ -219,7 +221,7 @@ fn choose_platform(cfg: &GvisorConfig) -> Result<(PathBuf, String), String> {
     result
 }
 
-fn probe_platforms(cfg: &GvisorConfig) -> Result<(PathBuf, String), String> {
+fn probe_platforms(cfg: &GvisorConfig) -> ProbeResult {
     let runsc = resolve(&cfg.runsc)
         .ok_or_else(|| format!("{} not found (apt-get install runsc)", cfg.runsc.display()))?;
     let mut failures = Vec::new();
