@@ -214,3 +214,109 @@ fn config(layout: &Layout, cfg: &GvisorConfig, spec: &SandboxSpec) -> Value {
         },
     })
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::Limits;
+
+    fn spec(venv: Option<&str>) -> SandboxSpec {
+        SandboxSpec {
+            sandbox_id: "sb-1".into(),
+            app_dir: "/srv/app".into(),
+            venv_dir: venv.map(PathBuf::from),
+            entrypoint: vec!["python3".into(), "main.py".into()],
+            env: vec![("SECRET".into(), "x".into())],
+            limits: Limits {
+                vcpus: 1.0,
+                memory_bytes: 256 << 20,
+                pids: 32,
+            },
+            agent_port: 8080,
+            session_id: "s".into(),
+            snapshot: false,
+        }
+    }
+
+    fn mount<'a>(config: &'a Value, dst: &str) -> Option<&'a Value> {
+        config["mounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["destination"] == dst)
+    }
+
+    #[test]
+    fn process_is_the_guest_with_three_capabilities_and_no_env() {
+        let cfg = GvisorConfig::new("/state", "/opt/berth-guest");
+        let layout = Layout::new(&cfg.state_dir, "sb-1");
+        let c = config(&layout, &cfg, &spec(None));
+        let p = &c["process"];
+        assert_eq!(p["args"], json!([GUEST_PATH, "oci", SPEC_PATH]));
+        // The agent's environment goes through the guest spec, not runsc.
+        assert_eq!(p["env"], json!([]));
+        assert_eq!(p["noNewPrivileges"], true);
+        let caps = json!(["CAP_CHOWN", "CAP_SETUID", "CAP_SETGID"]);
+        for set in ["bounding", "effective", "permitted"] {
+            assert_eq!(p["capabilities"][set], caps);
+        }
+        assert!(p["capabilities"].get("ambient").is_none());
+        assert!(p["capabilities"].get("inheritable").is_none());
+        assert_eq!(c["root"]["readonly"], true);
+        let kinds: Vec<&str> = c["linux"]["namespaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["type"].as_str().unwrap())
+            .collect();
+        assert_eq!(kinds, ["pid", "network", "ipc", "uts", "mount"]);
+    }
+
+    #[test]
+    fn mounts_are_read_only_but_app_and_tmp() {
+        let cfg = GvisorConfig::new("/state", "/opt/berth-guest");
+        let layout = Layout::new(&cfg.state_dir, "sb-1");
+        let c = config(&layout, &cfg, &spec(Some("/srv/venv")));
+        for m in c["mounts"].as_array().unwrap() {
+            if m["type"] != "bind" {
+                continue;
+            }
+            let opts = m["options"].as_array().unwrap();
+            let want = if m["destination"] == "/app" {
+                "rw"
+            } else {
+                "ro"
+            };
+            assert!(opts.contains(&json!(want)), "{m}");
+            assert!(opts.contains(&json!("nosuid")), "{m}");
+        }
+        assert_eq!(mount(&c, "/app").unwrap()["source"], "/srv/app");
+        assert_eq!(mount(&c, "/venv").unwrap()["source"], "/srv/venv");
+        assert_eq!(
+            mount(&c, SPEC_PATH).unwrap()["source"],
+            "/state/sb-1/spec.json"
+        );
+        let tmp = mount(&c, "/tmp").unwrap();
+        assert!(tmp["options"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("size=256m")));
+        assert!(mount(&c, "/").is_none());
+        let without = config(&layout, &cfg, &spec(None));
+        assert!(mount(&without, "/venv").is_none());
+    }
+
+    #[test]
+    fn guest_spec_names_paths_inside() {
+        let cfg = GvisorConfig::new("/state", "/opt/berth-guest");
+        let g = guest_spec(&cfg, &spec(Some("/srv/venv")));
+        assert_eq!(g.venv_dir, Some(PathBuf::from("/venv")));
+        assert_eq!(g.uid, cfg.agent_uid);
+        assert_ne!(g.uid, 0);
+        assert!(g.cgroup_procs.is_empty());
+        assert_eq!(g.nproc, 32);
+        assert_eq!(g.env, vec![("SECRET".to_string(), "x".to_string())]);
+    }
+}
