@@ -161,3 +161,152 @@ async fn clones_get_fresh_entropy_clock_and_identity() {
     );
     assert_ne!(seen[0]["uuid"], seen[1]["uuid"]);
 }
+
+fn cgroup_dirs(env: &VmEnv, id: &str) -> Vec<PathBuf> {
+    CONTROLLERS
+        .iter()
+        .map(|c| {
+            Path::new(CGROUP_ROOT)
+                .join(c)
+                .join(&env.cfg.cgroup_name)
+                .join(id)
+        })
+        .collect()
+}
+
+fn assert_gone(env: &VmEnv, id: &str, pids: &[u32]) {
+    for pid in pids {
+        let alive = proc_status(*pid).is_some_and(|s| !s["State"].starts_with('Z'));
+        assert!(!alive, "qemu pid {pid} survived");
+    }
+    for dir in cgroup_dirs(env, id) {
+        assert!(!dir.exists(), "cgroup {dir:?} left behind");
+    }
+    let dir = env.cfg.state_dir.join("vms").join(id);
+    assert!(!dir.exists(), "vm dir {dir:?} left behind");
+}
+
+/// A fresh boot (snapshot = false), its usage, and a terminate that
+/// leaves no process, cgroup or file; QEMU runs as its own uid.
+#[tokio::test]
+async fn fresh_boot_and_terminate_removes_everything() {
+    init_tracing();
+    let env = vm_env(Accel::Tcg);
+    let app = app(AGENT);
+    let mut sp = spec("vm", app.path());
+    sp.snapshot = false;
+    let id = sp.sandbox_id.clone();
+    let sb = env.driver.start(sp).await.unwrap();
+    wait_healthy(&sb).await;
+    assert_eq!(run_py(&sb, "result = 6 * 7").await, 42);
+    let pids = sb.host_pids();
+    assert_eq!(pids.len(), 1, "one QEMU per sandbox: {pids:?}");
+    let st = proc_status(pids[0]).unwrap();
+    let uid: u32 = st["Uid"]
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(uid >= env.cfg.uid_base, "QEMU runs as uid {uid}");
+    assert_eq!(st["Seccomp"], "2", "QEMU's -sandbox filter is on");
+    assert!(cgroup_dirs(&env, &id).iter().all(|d| d.exists()));
+    let usage = sb.terminate(Duration::from_secs(2)).await.unwrap();
+    assert!(
+        usage.cpu_seconds > 0.0 && usage.peak_memory_bytes > 0,
+        "{usage:?}"
+    );
+    assert_gone(&env, &id, &pids);
+}
+
+/// The agent's exit ends the VM, with the agent's exit code.
+#[tokio::test]
+async fn agent_exit_ends_the_sandbox() {
+    init_tracing();
+    let env = vm_env(Accel::Tcg);
+    let app = app("import sys, time\ntime.sleep(1)\nsys.exit(7)\n");
+    let mut sp = spec("vm", app.path());
+    sp.snapshot = false;
+    let sb = env.driver.start(sp).await.unwrap();
+    let mut exited = sb.exited();
+    tokio::time::timeout(Duration::from_secs(60), exited.wait_for(|e| *e))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(sb.guest_status().await.unwrap().exit_code, Some(7));
+    sb.terminate(Duration::from_millis(100)).await.unwrap();
+}
+
+/// A driver forgotten without teardown (a crash): the next one's sweep
+/// kills its QEMU and removes its cgroups and directories.
+#[tokio::test]
+async fn sweep_cleans_up_after_a_crash() {
+    init_tracing();
+    let env = vm_env(Accel::Tcg);
+    let app = app(AGENT);
+    let mut sp = spec("vm", app.path());
+    sp.snapshot = false;
+    let id = sp.sandbox_id.clone();
+    let sb = env.driver.start(sp).await.unwrap();
+    let pids = sb.host_pids();
+    std::mem::forget(sb);
+    let fresh = MicrovmDriver::new(env.cfg.clone()).unwrap();
+    let report = fresh.sweep().await.unwrap();
+    assert!(report.processes_killed >= 1, "{report:?}");
+    assert_eq!(report.state_dirs_removed, 1, "{report:?}");
+    assert_gone(&env, &id, &pids);
+    assert_eq!(fresh.sweep().await.unwrap(), Default::default());
+}
+
+/// An agent allocating past the VM's RAM is OOM-killed inside the guest;
+/// QEMU stays within its cgroup and the host is untouched.
+#[tokio::test]
+async fn memory_past_the_vm_is_oom_killed_inside() {
+    init_tracing();
+    let env = vm_env(Accel::Tcg);
+    let app = app(AGENT);
+    let mut sp = spec("vm", app.path());
+    sp.snapshot = false;
+    sp.limits.memory_bytes = 128 << 20;
+    let sb = env.driver.start(sp).await.unwrap();
+    wait_healthy(&sb).await;
+    let code = "import subprocess, sys\n\
+        p = subprocess.run([sys.executable, '-c', 'b = bytearray(400 << 20); b[::4096] = b\"x\" * len(b[::4096])'])\n\
+        result = p.returncode";
+    let rc = run_py(&sb, code).await;
+    assert_eq!(
+        rc, -9,
+        "the allocation was killed by the guest's OOM killer"
+    );
+    assert!(
+        sb.guest_status().await.unwrap().running,
+        "the agent survived"
+    );
+    let usage = sb.terminate(Duration::from_secs(2)).await.unwrap();
+    let cap = (128 + env.cfg.memory_overhead_mb) << 20;
+    assert!(usage.peak_memory_bytes <= cap, "{usage:?}");
+}
+
+/// Auto runs the KVM probe once (bounded) and falls back to TCG here;
+/// doctor's report says how VMs run.
+#[tokio::test]
+async fn auto_accel_probes_and_doctor_reports() {
+    init_tracing();
+    let env = vm_env(Accel::Auto);
+    let t = Instant::now();
+    let accel = env.driver.accel().await;
+    assert!(t.elapsed() < env.cfg.probe_timeout + Duration::from_secs(2));
+    assert!(matches!(accel, Accel::Kvm | Accel::Tcg));
+    let report = berth_sandbox::microvm::probe(&env.cfg).await;
+    assert!(report.available, "{report:?}");
+    assert!(
+        report.detail.contains("QEMU emulator version"),
+        "{report:?}"
+    );
+    let app = app(AGENT);
+    let mut sp = spec("vm", app.path());
+    sp.snapshot = false;
+    let sb = env.driver.start(sp).await.unwrap();
+    wait_healthy(&sb).await;
+    sb.terminate(Duration::from_secs(1)).await.unwrap();
+}

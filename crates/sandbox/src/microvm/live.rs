@@ -4,7 +4,7 @@
 use std::io::Read as _;
 use std::os::unix::fs::DirBuilderExt as _;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -19,7 +19,7 @@ use tokio::sync::watch;
 use super::qmp::{connect_retry, Qmp};
 use super::template::{get_or_build, ignore_shared, images};
 use super::vmm::{self, Launch, Memory, Vmm};
-use super::{shape, Accel, Inner};
+use super::{Accel, Inner};
 use crate::process::cgroup::Cgroups;
 use crate::{DriverError, GuestClient, Limits, Sandbox, SandboxControl, SandboxSpec, SandboxUsage};
 
@@ -452,11 +452,3 @@ impl Drop for VmControl {
         }
     }
 }
-
-#[allow(dead_code)]
-fn _shape_used(spec: &SandboxSpec) -> (u64, u32) {
-    shape(spec)
-}
-
-#[allow(dead_code)]
-fn _mutex_used(_: &Mutex<()>) {}

@@ -28,7 +28,7 @@ mod template;
 mod vmm;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -424,8 +424,4 @@ fn validate(spec: &SandboxSpec) -> Result<(), DriverError> {
 fn shape(spec: &SandboxSpec) -> (u64, u32) {
     let mem = spec.limits.memory_bytes.div_ceil(1 << 20);
     (mem, spec.limits.vcpus.ceil() as u32)
-}
-
-fn path_ok(p: &Path) -> bool {
-    p.is_absolute()
 }

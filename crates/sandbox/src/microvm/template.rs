@@ -18,7 +18,7 @@ use super::live::Vm;
 use super::qmp::Qmp;
 use super::vmm::Memory;
 use super::{shape, Accel, Inner, MicrovmConfig};
-use crate::{DriverError, GuestClient, Progress, SandboxSpec};
+use crate::{DriverError, Progress, SandboxSpec};
 
 /// A snapshotted agent: RAM in a sealed memfd, device state in memory.
 pub(crate) struct Template {
@@ -225,35 +225,6 @@ pub(crate) async fn wait_migrated(qmp: &mut Qmp, timeout: Duration) -> Result<()
             }
             _ => tokio::time::sleep(Duration::from_millis(2)).await,
         }
-    }
-}
-
-/// Polls the agent's /ping through the guest until it answers 200.
-pub(crate) async fn wait_ping(client: &GuestClient, timeout: Duration) -> Result<(), DriverError> {
-    use http_body_util::BodyExt as _;
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        let req = http::Request::get("/ping")
-            .body(
-                http_body_util::Empty::<bytes::Bytes>::new()
-                    .map_err(|never| match never {})
-                    .boxed(),
-            )
-            .map_err(|_| DriverError::GuestBody { path: "/ping" })?;
-        if let Ok(resp) = client.request(req).await {
-            let ok = resp.status() == http::StatusCode::OK;
-            let _ = resp.into_body().collect().await;
-            if ok {
-                return Ok(());
-            }
-        }
-        if client.is_closed() {
-            return Err(DriverError::GuestGone);
-        }
-        if tokio::time::Instant::now() > deadline {
-            return Err(DriverError::SetupTimeout(timeout));
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

@@ -52,9 +52,6 @@ impl Launch<'_> {
     pub(crate) fn agent_path(&self) -> PathBuf {
         self.dir.join("agent.sock")
     }
-    pub(crate) fn migration_path(&self) -> PathBuf {
-        self.dir.join("migrate.sock")
-    }
 }
 
 /// QEMU's option values are comma-separated; a comma in a path is doubled.
@@ -150,7 +147,9 @@ pub(crate) struct Vmm {
     pub exited: watch::Receiver<bool>,
     /// The agent's exit code from the console, or the QEMU's own end.
     pub exit_code: Arc<Mutex<Option<i32>>>,
-    /// Counts `parked` lines on the console.
+    /// Counts `parked` lines on the console (the guest went back to
+    /// waiting for a hello after the host hung up).
+    #[allow(dead_code)]
     pub parked: watch::Receiver<u64>,
     /// The last line QEMU wrote on stderr (why it failed).
     pub last_error: Arc<Mutex<String>>,
