@@ -328,3 +328,106 @@ async fn escape_probes_from_inside() {
     assert_ne!(v["kernel"], host.release().to_str().unwrap());
     sb.terminate(Duration::from_secs(1)).await.unwrap();
 }
+
+#[test]
+fn probe_picks_the_first_working_platform_and_times_out_hangs() {
+    let env = gvisor_env();
+    let report = berth_sandbox::gvisor::probe(&env.cfg);
+    assert!(report.available, "{report:?}");
+    assert_eq!(report.substrate, "gvisor");
+    assert!(report.detail.contains("ptrace"), "{report:?}");
+    assert_eq!(env.driver.platform(), "ptrace");
+
+    // kvm hangs on this kind of host (or fails fast elsewhere); either way
+    // the probe moves on to ptrace within its timeout.
+    let mut cfg = env.cfg.clone();
+    cfg.platforms = vec!["kvm".into(), "ptrace".into()];
+    cfg.probe_timeout = Duration::from_secs(2);
+    let t = Instant::now();
+    let driver = berth_sandbox::gvisor::GvisorDriver::new(cfg).unwrap();
+    assert_eq!(driver.platform(), "ptrace");
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+
+    let mut cfg = env.cfg.clone();
+    cfg.platforms = vec!["no-such-platform".into()];
+    let err = berth_sandbox::gvisor::GvisorDriver::new(cfg).err().unwrap();
+    assert!(
+        matches!(err, berth_sandbox::DriverError::Unavailable { .. }),
+        "{err}"
+    );
+
+    let mut cfg = env.cfg.clone();
+    cfg.runsc = "/nonexistent/runsc".into();
+    let report = berth_sandbox::gvisor::probe(&cfg);
+    assert!(!report.available);
+    assert!(
+        report.detail.contains("apt-get install runsc"),
+        "{report:?}"
+    );
+}
+
+#[tokio::test]
+async fn sweep_removes_empty_runsc_cgroups_and_keeps_busy_ones() {
+    init_tracing();
+    let env = gvisor_env();
+    let root = Path::new(berth_sandbox::process::CGROUP_ROOT);
+    let empty = format!("runsc-berth-test-{}", std::process::id());
+    let busy = format!("runsc-berth-busy-{}", std::process::id());
+    for c in ["memory", "pids"] {
+        std::fs::create_dir_all(root.join(c).join(&empty).join("child")).unwrap();
+    }
+    std::fs::create_dir_all(root.join("pids").join(&busy)).unwrap();
+    let mut sleeper = std::process::Command::new("sleep")
+        .arg("30")
+        .spawn()
+        .unwrap();
+    std::fs::write(
+        root.join("pids").join(&busy).join("cgroup.procs"),
+        sleeper.id().to_string(),
+    )
+    .unwrap();
+    let report = env.driver.sweep().await.unwrap();
+    let busy_kept = root.join("pids").join(&busy).exists();
+    sleeper.kill().unwrap();
+    sleeper.wait().unwrap();
+    let _ = std::fs::remove_dir(root.join("pids").join(&busy));
+    for c in ["memory", "pids"] {
+        assert!(!root.join(c).join(&empty).exists(), "{c}/{empty} kept");
+    }
+    assert!(busy_kept, "a runsc cgroup with a live process was removed");
+    assert!(report.cgroups_removed >= 4, "{report:?}");
+}
+
+#[tokio::test]
+async fn venv_is_mounted_read_only_and_on_path() {
+    init_tracing();
+    let env = gvisor_env();
+    let app = app(AGENT);
+    let venv = tempfile::tempdir().unwrap();
+    std::fs::create_dir(venv.path().join("bin")).unwrap();
+    std::fs::write(venv.path().join("bin").join("marker"), "venv").unwrap();
+    let mut sp = spec("gv-venv", app.path());
+    sp.venv_dir = Some(venv.path().to_path_buf());
+    let sb = env.driver.start(sp).await.unwrap();
+    wait_healthy(&sb).await;
+    let code = r#"
+import os
+def try_write(p):
+    try:
+        open(p, "w").write("x")
+        return True
+    except OSError:
+        return False
+result = {
+    "marker": open("/venv/bin/marker").read(),
+    "path": os.environ["PATH"].split(":")[0],
+    "write": try_write("/venv/bin/evil"),
+}
+"#;
+    let v = run_py(&sb, code).await;
+    assert_eq!(v["marker"], "venv");
+    assert_eq!(v["path"], "/venv/bin");
+    assert_eq!(v["write"], false);
+    assert!(!venv.path().join("bin/evil").exists());
+    sb.terminate(Duration::from_secs(1)).await.unwrap();
+}
