@@ -267,6 +267,7 @@ result = {
     "usr_write": try_write("/usr/evil"),
     "etc_write": try_write("/etc/passwd"),
     "uid": os.getuid(),
+    "spec_readable": os.access("/.berth/spec.json", os.R_OK),
     "cap_eff": status["CapEff"].strip(),
     "no_new_privs": libc.prctl(39, 0, 0, 0, 0),  # PR_GET_NO_NEW_PRIVS
     "seccomp": libc.prctl(21, 0, 0, 0, 0),  # PR_GET_SECCOMP: 2 = filter
@@ -315,6 +316,10 @@ async fn escape_probes_from_inside() {
     assert_eq!(v["usr_write"], false);
     assert_eq!(v["etc_write"], false);
     assert_eq!(v["uid"], env.cfg.agent_uid);
+    assert_eq!(
+        v["spec_readable"], false,
+        "the agent can read the guest's spec"
+    );
     assert_eq!(v["cap_eff"], "0000000000000000");
     assert_eq!(v["no_new_privs"], 1, "{v}");
     assert_eq!(v["seccomp"], 2, "{v}");

@@ -6,7 +6,8 @@
 //! runtime's state, `--root`).
 
 use std::fs;
-use std::os::unix::fs::symlink;
+use std::io::Write as _;
+use std::os::unix::fs::{symlink, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 
 use berth_guest::proto::GuestSpec;
@@ -56,7 +57,15 @@ pub fn write(layout: &Layout, cfg: &GvisorConfig, spec: &SandboxSpec) -> Result<
     let path = layout.spec();
     let json =
         serde_json::to_vec(&guest).map_err(|e| DriverError::io("encode", &path)(e.into()))?;
-    fs::write(&path, json).map_err(DriverError::io("write", &path))?;
+    // Only the guest, still uid 0 inside when it reads it, may read the
+    // spec; the agent's uid cannot (it holds the agent's environment).
+    fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .and_then(|mut f| f.write_all(&json))
+        .map_err(DriverError::io("write", &path))?;
     let config = config(layout, cfg, spec);
     let path = layout.bundle().join("config.json");
     let json = serde_json::to_vec_pretty(&config)
