@@ -77,13 +77,18 @@ pub async fn start(inner: Arc<Inner>, spec: SandboxSpec) -> Result<Sandbox, Driv
 }
 
 impl Live {
-    /// Bundle and cgroups. The host pids cgroup also holds runsc's own
-    /// threads, so it gets `runtime_pids` on top of the agent's limit.
+    /// Bundle and cgroups. The host cgroups also hold runsc itself, so they
+    /// get `runtime_pids` and `runtime_memory_mb` on top of the agent's
+    /// limits (inside, RLIMIT_NPROC holds the agent to its own `pids`).
     fn prepare(&self, spec: &SandboxSpec) -> Result<(), DriverError> {
         let cfg = &self.inner.cfg;
         bundle::write(&self.layout, cfg, spec)?;
         let host = Limits {
             pids: spec.limits.pids.saturating_add(cfg.runtime_pids),
+            memory_bytes: spec
+                .limits
+                .memory_bytes
+                .saturating_add(cfg.runtime_memory_mb.saturating_mul(1 << 20)),
             ..spec.limits
         };
         self.cgroups.create(&host)

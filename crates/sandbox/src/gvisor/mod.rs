@@ -65,6 +65,10 @@ pub struct GvisorConfig {
     /// stubs), added to the sandbox's `pids` limit for the host pids
     /// cgroup; the agent's own limit is RLIMIT_NPROC inside (default 512).
     pub runtime_pids: u64,
+    /// Memory runsc itself needs (sentry and gofer, ~35 MiB charged per
+    /// sandbox here), added to the sandbox's memory limit for the host
+    /// memory cgroup so the agent gets about what it asked for (default 64).
+    pub runtime_memory_mb: u64,
     /// How long a `runsc delete --force` during sweep may take (default 5 s).
     pub runsc_timeout: Duration,
     /// Limits on what the guest may send.
@@ -90,6 +94,7 @@ impl GvisorConfig {
             setup_timeout: Duration::from_secs(10),
             nofile: 4096,
             runtime_pids: 512,
+            runtime_memory_mb: 64,
             runsc_timeout: Duration::from_secs(5),
             channel: ChannelLimits::default(),
             max_output_chunk: 8 * 1024,
@@ -322,10 +327,10 @@ fn validate(spec: &SandboxSpec) -> Result<(), DriverError> {
         });
     }
     let l = &spec.limits;
-    if !(l.vcpus > 0.0 && l.vcpus.is_finite()) || l.memory_bytes < 64 << 20 || l.pids < 2 {
+    if !(l.vcpus > 0.0 && l.vcpus.is_finite()) || l.memory_bytes < 4 << 20 || l.pids < 2 {
         return Err(DriverError::InvalidSpec {
             field: "limits",
-            reason: "need vcpus > 0, memory >= 64 MiB (runsc needs ~40), pids >= 2",
+            reason: "need vcpus > 0, memory >= 4 MiB, pids >= 2",
         });
     }
     Ok(())
