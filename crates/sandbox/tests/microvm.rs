@@ -111,6 +111,24 @@ async fn round_trip_and_streaming() {
     sb.terminate(Duration::from_secs(1)).await.unwrap();
 }
 
+/// Like `wait_healthy`, with room for a TCG boot on a shared machine.
+async fn wait_vm_healthy(sb: &Sandbox) {
+    let start = Instant::now();
+    loop {
+        let req = http::Request::get("/ping").body(body_of("")).unwrap();
+        if let Ok(resp) = sb.request(req).await {
+            if resp.status() == 200 {
+                return;
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "agent never became healthy"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 fn unix_now() -> f64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -197,7 +215,7 @@ async fn fresh_boot_and_terminate_removes_everything() {
     sp.snapshot = false;
     let id = sp.sandbox_id.clone();
     let sb = env.driver.start(sp).await.unwrap();
-    wait_healthy(&sb).await;
+    wait_vm_healthy(&sb).await;
     assert_eq!(run_py(&sb, "result = 6 * 7").await, 42);
     let pids = sb.host_pids();
     assert_eq!(pids.len(), 1, "one QEMU per sandbox: {pids:?}");
@@ -269,7 +287,7 @@ async fn memory_past_the_vm_is_oom_killed_inside() {
     sp.snapshot = false;
     sp.limits.memory_bytes = 128 << 20;
     let sb = env.driver.start(sp).await.unwrap();
-    wait_healthy(&sb).await;
+    wait_vm_healthy(&sb).await;
     let code = "import subprocess, sys\n\
         p = subprocess.run([sys.executable, '-c', 'b = bytearray(400 << 20); b[::4096] = b\"x\" * len(b[::4096])'])\n\
         result = p.returncode";
@@ -307,6 +325,6 @@ async fn auto_accel_probes_and_doctor_reports() {
     let mut sp = spec("vm", app.path());
     sp.snapshot = false;
     let sb = env.driver.start(sp).await.unwrap();
-    wait_healthy(&sb).await;
+    wait_vm_healthy(&sb).await;
     sb.terminate(Duration::from_secs(1)).await.unwrap();
 }
