@@ -440,3 +440,26 @@ result = {
     assert!(!venv.path().join("bin/evil").exists());
     sb.terminate(Duration::from_secs(1)).await.unwrap();
 }
+
+#[tokio::test]
+async fn guest_refuses_to_serve_with_capabilities_and_start_cleans_up() {
+    init_tracing();
+    let env = gvisor_env();
+    // uid 0 inside keeps its capabilities after "dropping" to itself; the
+    // guest must notice and refuse rather than run the agent privileged.
+    let mut cfg = env.cfg.clone();
+    cfg.agent_uid = 0;
+    let driver = berth_sandbox::gvisor::GvisorDriver::new(cfg).unwrap();
+    let app = app(AGENT);
+    let sp = spec("gv-caps", app.path());
+    let id = sp.sandbox_id.clone();
+    let err = driver.start(sp).await.err().expect("started with uid 0");
+    match err {
+        berth_sandbox::DriverError::Setup { stage, .. } => assert_eq!(stage, "capabilities"),
+        other => panic!("unexpected error {other}"),
+    }
+    for dir in cgroup_dirs(&env.cfg, &id) {
+        assert!(!dir.exists(), "{dir:?} left after a failed start");
+    }
+    assert!(!env.cfg.state_dir.join(&id).exists());
+}
