@@ -463,3 +463,62 @@ async fn guest_refuses_to_serve_with_capabilities_and_start_cleans_up() {
     }
     assert!(!env.cfg.state_dir.join(&id).exists());
 }
+
+#[tokio::test]
+async fn every_runsc_process_is_under_the_limits_and_cpu_is_metered() {
+    init_tracing();
+    let env = gvisor_env();
+    let app = app(AGENT);
+    let mut sp = spec("gv-cpu", app.path());
+    sp.limits.vcpus = 0.25;
+    let id = sp.sandbox_id.clone();
+    let sb = env.driver.start(sp).await.unwrap();
+    wait_healthy(&sb).await;
+    let before = sb.usage().await.unwrap();
+    let spin = "import time\nend = time.time() + 1\nn = 0\nwhile time.time() < end:\n    n += 1\nresult = n\n";
+    run_py(&sb, spin).await;
+    let used = sb.usage().await.unwrap().cpu_seconds - before.cpu_seconds;
+    assert!(used > 0.05, "spinning used no metered cpu: {used}");
+    let cpu = Path::new(berth_sandbox::process::CGROUP_ROOT)
+        .join("cpu")
+        .join(&env.cfg.cgroup_name)
+        .join(&id);
+    let quota = std::fs::read_to_string(cpu.join("cpu.cfs_quota_us")).unwrap();
+    assert_eq!(quota.trim(), "25000");
+    // Every process of the runsc tree (runsc, gofer, sentry, ptrace stubs)
+    // sits in the sandbox's cgroups: runsc did not move anything out.
+    let want = format!("/{}/{id}", env.cfg.cgroup_name);
+    let mut seen = 0;
+    for pid in host_processes_of(&sb) {
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/cgroup")) else {
+            continue;
+        };
+        for line in text.lines() {
+            let mut parts = line.splitn(3, ':');
+            let (_, ctrl, path) = (parts.next(), parts.next().unwrap(), parts.next().unwrap());
+            if ["memory", "pids", "cpu", "cpuacct"].contains(&ctrl) {
+                assert_eq!(path, want, "pid {pid} is in {ctrl}:{path}");
+                seen += 1;
+            }
+        }
+    }
+    assert!(seen >= 12, "{seen}");
+    sb.terminate(Duration::from_secs(1)).await.unwrap();
+}
+
+/// The sandbox's host pids plus every descendant of them.
+fn host_processes_of(sb: &berth_sandbox::Sandbox) -> Vec<u32> {
+    let mut all = sb.host_pids();
+    let mut i = 0;
+    while i < all.len() {
+        let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", all[i]))
+            .unwrap_or_default();
+        for c in children.split_whitespace().filter_map(|c| c.parse().ok()) {
+            if !all.contains(&c) {
+                all.push(c);
+            }
+        }
+        i += 1;
+    }
+    all
+}
