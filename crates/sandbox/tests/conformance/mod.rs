@@ -273,7 +273,10 @@ pub async fn teardown_leaves_nothing(h: &dyn Harness) {
     assert!(!pids.is_empty());
     let traces = h.traces(&id);
     let live: Vec<&PathBuf> = traces.iter().filter(|p| p.exists()).collect();
-    assert!(!live.is_empty(), "no host traces of a live sandbox: {traces:?}");
+    assert!(
+        !live.is_empty(),
+        "no host traces of a live sandbox: {traces:?}"
+    );
     sb.terminate(Duration::from_millis(300)).await.unwrap();
     for pid in pids {
         let alive = proc_status(pid).is_some_and(|s| !s["State"].starts_with('Z'));
@@ -421,8 +424,14 @@ pub async fn t11_no_network_path_out(h: &dyn Harness) {
         assert_eq!(v["own_port_mark"], mark, "port 8080 was another sandbox's");
         assert_eq!(v["ifaces"], json!(["lo"]), "{v}");
     }
-    assert!(listener.accept().is_err(), "the host listener saw a connection");
-    assert!(unix.accept().is_err(), "the host abstract socket saw a connection");
+    assert!(
+        listener.accept().is_err(),
+        "the host listener saw a connection"
+    );
+    assert!(
+        unix.accept().is_err(),
+        "the host abstract socket saw a connection"
+    );
     for sb in sandboxes {
         sb.terminate(Duration::from_secs(1)).await.unwrap();
     }
