@@ -318,7 +318,10 @@ async fn read_hello(port: &Arc<Port>) -> VmHello {
     let mut conn = PortConn::raw(port.clone());
     let mut line = Vec::new();
     let mut discarding = false;
-    let mut buf = vec![0u8; 16 * 1024];
+    // One byte at a time: whatever follows the hello's newline (a resent
+    // hello, then the HTTP/2 preface) belongs to the connection, and a
+    // larger read would swallow its start.
+    let mut buf = [0u8; 1];
     loop {
         let n = match std::future::poll_fn(|cx| conn.poll_read_raw(cx, &mut buf)).await {
             Ok(0) | Err(_) => {

@@ -310,14 +310,9 @@ impl Drop for GvisorControl {
     /// A sandbox dropped without `terminate` is still destroyed.
     fn drop(&mut self) {
         let live = self.live.clone();
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            handle.spawn(async move {
-                if let Err(e) = live.destroy().await {
-                    tracing::error!(sandbox = %live.id, error = %e, "destroy on drop");
-                }
-            });
-        } else {
-            let _ = live.cgroups.kill_all(KILL_TIMEOUT);
-        }
+        let name = live.id.clone();
+        self.live
+            .cgroups
+            .destroy_on_drop(&name, async move { live.destroy().await });
     }
 }

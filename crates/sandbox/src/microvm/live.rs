@@ -441,14 +441,9 @@ impl Drop for VmControl {
     /// A sandbox dropped without `terminate` is still destroyed.
     fn drop(&mut self) {
         let vm = self.vm.clone();
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            handle.spawn(async move {
-                if let Err(e) = vm.destroy().await {
-                    tracing::error!(sandbox = %vm.name, error = %e, "destroy on drop");
-                }
-            });
-        } else {
-            let _ = vm.cgroups.kill_all(KILL_TIMEOUT);
-        }
+        let name = vm.name.clone();
+        self.vm
+            .cgroups
+            .destroy_on_drop(&name, async move { vm.destroy().await });
     }
 }

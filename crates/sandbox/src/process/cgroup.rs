@@ -127,6 +127,33 @@ impl Cgroups {
         })
     }
 
+    /// Destroys a sandbox whose handle was dropped without `terminate`:
+    /// every process gets SIGKILL at once (a `Drop` may run while the
+    /// runtime shuts down, when a spawned task would never run), then
+    /// `destroy` removes the rest on the runtime if there is one, or the
+    /// cgroups are emptied here.
+    pub fn destroy_on_drop<F>(&self, name: &str, destroy: F)
+    where
+        F: std::future::Future<Output = Result<SandboxUsage, DriverError>> + Send + 'static,
+    {
+        for pid in self.pids() {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => {
+                let name = name.to_owned();
+                handle.spawn(async move {
+                    if let Err(e) = destroy.await {
+                        tracing::error!(sandbox = %name, error = %e, "destroy on drop");
+                    }
+                });
+            }
+            Err(_) => {
+                let _ = self.kill_all(Duration::from_secs(10));
+            }
+        }
+    }
+
     /// SIGKILLs every process until the cgroups are empty.
     pub fn kill_all(&self, timeout: Duration) -> Result<usize, DriverError> {
         kill_in(&self.dirs(), timeout)

@@ -208,7 +208,11 @@ pub async fn memory_past_the_limit_kills_the_agent_not_the_host(h: &dyn Harness)
     let sb = start(h, sp).await;
     let mut exited = sb.exited();
     let req = Request::post("/run")
-        .body(body("result = len(b'x' * (600 << 20))"))
+        // In small touched chunks: one huge allocation is refused up front
+        // by a VM's overcommit check instead of reaching the limit.
+        .body(body(
+            "chunks = []\nfor _ in range(75):\n    chunks.append(b'x' * (8 << 20))\nresult = len(chunks)",
+        ))
         .unwrap();
     if let Ok(resp) = sb.request(req).await {
         assert_ne!(
