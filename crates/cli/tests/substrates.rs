@@ -150,3 +150,38 @@ async fn server_default_substrate_applies_to_agents_that_name_none() {
     // An agent that names its substrate keeps it.
     counter_on(&s, "counter-proc", Some("process"), "process").await;
 }
+
+#[tokio::test]
+async fn doctor_reports_each_substrate_and_why_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("berth.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "data_dir = \"{}\"\n[microvm]\nkernel = \"{}\"\n[gvisor]\nrunsc = \"/nonexistent/runsc\"\n",
+            dir.path().join("data").display(),
+            kernel()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(berth_bin())
+        .args(["doctor", "--json", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let subs = v["substrates"].as_array().unwrap();
+    let by = |name: &str| subs.iter().find(|s| s["substrate"] == name).unwrap().clone();
+    assert_eq!(by("process")["available"], true);
+    // A runsc that is not there: unavailable, and the reason says so.
+    let gv = by("gvisor");
+    assert_eq!(gv["available"], false, "{gv}");
+    assert!(gv["detail"].as_str().unwrap().contains("runsc"), "{gv}");
+    // KVM does not work on these machines: the probe falls back to TCG.
+    let vm = by("microvm");
+    assert_eq!(vm["available"], true, "{vm}");
+    let detail = vm["detail"].as_str().unwrap();
+    assert!(detail.contains("QEMU") && detail.contains(&kernel()), "{vm}");
+    assert!(detail.contains("kvm") || detail.contains("tcg"), "{vm}");
+}
