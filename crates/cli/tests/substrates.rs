@@ -32,7 +32,13 @@ fn manifest(name: &str, isolation: Option<&str>) -> String {
 }
 
 async fn events(c: &reqwest::Client, s: &Server, session: &str) -> Vec<Value> {
-    let v = get_json(c, s, &s.admin_key, &format!("/v1/sessions/{session}/events")).await;
+    let v = get_json(
+        c,
+        s,
+        &s.admin_key,
+        &format!("/v1/sessions/{session}/events"),
+    )
+    .await;
     v["events"].as_array().unwrap().clone()
 }
 
@@ -117,8 +123,8 @@ async fn tenant_policy_refuses_weaker_substrates() {
         .arg(dir.path())
         .output()
         .unwrap();
-    let all = String::from_utf8_lossy(&out.stdout).to_string()
-        + &String::from_utf8_lossy(&out.stderr);
+    let all =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(all.contains("substrate_unavailable"), "{all}");
 }
@@ -134,7 +140,10 @@ async fn microvm_agent_runs_end_to_end() {
     let s = Server::start_with(&all_substrates(""));
     counter_on(&s, "counter-vm", Some("microvm"), "microvm").await;
     // Without a snapshot every session boots its own VM.
-    let m = format!("{}snapshot = false\n", manifest("counter-boot", Some("microvm")));
+    let m = format!(
+        "{}snapshot = false\n",
+        manifest("counter-boot", Some("microvm"))
+    );
     s.deploy_example("counter", Some(&m));
     let c = s.client();
     let id = sid("boot");
@@ -172,7 +181,12 @@ async fn doctor_reports_each_substrate_and_why_not() {
     assert!(out.status.success(), "{out:?}");
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     let subs = v["substrates"].as_array().unwrap();
-    let by = |name: &str| subs.iter().find(|s| s["substrate"] == name).unwrap().clone();
+    let by = |name: &str| {
+        subs.iter()
+            .find(|s| s["substrate"] == name)
+            .unwrap()
+            .clone()
+    };
     assert_eq!(by("process")["available"], true);
     // A runsc that is not there: unavailable, and the reason says so.
     let gv = by("gvisor");
@@ -182,6 +196,9 @@ async fn doctor_reports_each_substrate_and_why_not() {
     let vm = by("microvm");
     assert_eq!(vm["available"], true, "{vm}");
     let detail = vm["detail"].as_str().unwrap();
-    assert!(detail.contains("QEMU") && detail.contains(&kernel()), "{vm}");
+    assert!(
+        detail.contains("QEMU") && detail.contains(&kernel()),
+        "{vm}"
+    );
     assert!(detail.contains("kvm") || detail.contains("tcg"), "{vm}");
 }

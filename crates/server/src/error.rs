@@ -91,9 +91,11 @@ impl From<SessionError> for ApiError {
                 Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", msg)
             }
             IsolationPolicy { .. } => Self::new(StatusCode::FORBIDDEN, "isolation_policy", msg),
-            SubstrateUnavailable(_) => {
-                Self::new(StatusCode::SERVICE_UNAVAILABLE, "substrate_unavailable", msg)
-            }
+            SubstrateUnavailable(_) => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "substrate_unavailable",
+                msg,
+            ),
             Log(e) => e.into(),
             Driver(e) => Self::internal(e),
         }

@@ -5,9 +5,9 @@
 use crate::config::Config;
 use crate::serve::ServerError;
 use berth_core::manifest::Isolation;
-use berth_sandbox::process::{ProcessConfig, ProcessDriver};
 use berth_sandbox::gvisor::{GvisorConfig, GvisorDriver};
 use berth_sandbox::microvm::{Accel, MicrovmConfig, MicrovmDriver};
+use berth_sandbox::process::{ProcessConfig, ProcessDriver};
 use berth_sandbox::{SubstrateReport, Substrates};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

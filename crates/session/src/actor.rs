@@ -3,8 +3,8 @@
 //! meters usage, and is the only writer of its session's log.
 
 use crate::body::{TurnBody, TurnStats};
-use crate::error::SessionError;
 use crate::config::SessionConfig;
+use crate::error::SessionError;
 use crate::manager::{AgentSpec, Invocation, Shared};
 use berth_core::{
     AgentName, RequestId, SessionEvent, SessionId, SessionStatus, TenantId, TerminationReason,
@@ -755,6 +755,38 @@ async fn wait_healthy(sandbox: &Sandbox, deadline: Instant) -> Result<(), String
     }
 }
 
+/// The sandbox of a session of `agent`. Everything but the id and the
+/// session is the same for every session of a version, so a substrate may
+/// start it as a clone of a template (see `Driver::prepare`).
+pub(crate) fn sandbox_spec(
+    cfg: &SessionConfig,
+    agent: &AgentSpec,
+    session: &SessionId,
+) -> SandboxSpec {
+    let m = &agent.manifest;
+    let mut env: Vec<(String, String)> = vec![
+        ("DOCKER_CONTAINER".into(), "1".into()),
+        ("AWS_REGION".into(), cfg.aws_region.clone()),
+        ("AWS_DEFAULT_REGION".into(), cfg.aws_region.clone()),
+    ];
+    env.extend(m.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    SandboxSpec {
+        sandbox_id: format!("sb-{}", uuid::Uuid::new_v4().simple()),
+        app_dir: agent.app_dir.clone(),
+        venv_dir: agent.venv_dir.clone(),
+        entrypoint: m.entrypoint.clone(),
+        env,
+        limits: Limits {
+            vcpus: m.resources.vcpus,
+            memory_bytes: m.resources.memory_mb * 1024 * 1024,
+            pids: m.resources.pids,
+        },
+        agent_port: 8080,
+        session_id: session.to_string(),
+        snapshot: m.snapshot,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -786,33 +818,5 @@ mod tests {
         assert!(c.set(SessionStatus::Idle).is_none());
         assert!(c.set(SessionStatus::Active).is_some());
         assert!(c.set(SessionStatus::Provisioning).is_none());
-    }
-}
-
-/// The sandbox of a session of `agent`. Everything but the id and the
-/// session is the same for every session of a version, so a substrate may
-/// start it as a clone of a template (see `Driver::prepare`).
-pub(crate) fn sandbox_spec(cfg: &SessionConfig, agent: &AgentSpec, session: &SessionId) -> SandboxSpec {
-    let m = &agent.manifest;
-    let mut env: Vec<(String, String)> = vec![
-        ("DOCKER_CONTAINER".into(), "1".into()),
-        ("AWS_REGION".into(), cfg.aws_region.clone()),
-        ("AWS_DEFAULT_REGION".into(), cfg.aws_region.clone()),
-    ];
-    env.extend(m.env.iter().map(|(k, v)| (k.clone(), v.clone())));
-    SandboxSpec {
-        sandbox_id: format!("sb-{}", uuid::Uuid::new_v4().simple()),
-        app_dir: agent.app_dir.clone(),
-        venv_dir: agent.venv_dir.clone(),
-        entrypoint: m.entrypoint.clone(),
-        env,
-        limits: Limits {
-            vcpus: m.resources.vcpus,
-            memory_bytes: m.resources.memory_mb * 1024 * 1024,
-            pids: m.resources.pids,
-        },
-        agent_port: 8080,
-        session_id: session.to_string(),
-        snapshot: m.snapshot,
     }
 }

@@ -30,7 +30,9 @@ pub enum SessionError {
     #[error(transparent)]
     Quota(#[from] crate::quota::QuotaError),
     /// The tenant's policy requires a stronger substrate than the agent's.
-    #[error("this tenant's sessions must run on {required} or stronger; the agent runs on {wanted}")]
+    #[error(
+        "this tenant's sessions must run on {required} or stronger; the agent runs on {wanted}"
+    )]
     IsolationPolicy {
         wanted: &'static str,
         required: &'static str,
