@@ -194,6 +194,9 @@ impl MicrovmDriver {
             .clone()
             .unwrap_or_else(|| cfg.state_dir.join("images"));
         let images = ImageStore::new(images_dir)?;
+        for path in [&cfg.kernel, &cfg.state_dir, &images.dir().to_path_buf()] {
+            reachable_by_others(path)?;
+        }
         cgroup::ensure_parents(&cfg.cgroup_name)?;
         Ok(MicrovmDriver {
             inner: Arc::new(Inner {
@@ -418,6 +421,34 @@ fn validate(spec: &SandboxSpec) -> Result<(), DriverError> {
         return Err(DriverError::InvalidId(spec.sandbox_id.clone()));
     }
     validate_version(spec)
+}
+
+/// QEMU runs as uids of its own: every directory above `path` must let
+/// others traverse it, or QEMU cannot open its kernel, images and sockets.
+/// Refused at start-up with the directory named, never changed behind the
+/// operator's back.
+fn reachable_by_others(path: &std::path::Path) -> Result<(), DriverError> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let abs = std::path::absolute(path).map_err(DriverError::io("resolve", path))?;
+    for dir in abs.ancestors().skip(1) {
+        let mode = std::fs::metadata(dir)
+            .map_err(DriverError::io("stat", dir))?
+            .permissions()
+            .mode();
+        if mode & 0o001 == 0 {
+            return Err(DriverError::Unavailable {
+                substrate: "microvm",
+                reason: format!(
+                    "QEMU runs unprivileged and cannot reach {} through {} (mode {:o}): \
+                     let others traverse it (chmod o+x) or keep berth's data elsewhere",
+                    path.display(),
+                    dir.display(),
+                    mode & 0o7777
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Guest RAM in MiB and vcpus of a spec (vcpus rounded up).
