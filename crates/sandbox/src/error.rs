@@ -60,6 +60,8 @@ pub enum DriverError {
     Image { image: String, detail: String },
     #[error("virtual machine monitor: {0}")]
     Vmm(String),
+    #[error("the guest did not answer its first request")]
+    FirstAnswer,
     #[error("runsc: {0}")]
     Runsc(String),
     #[error("{op} {path}: {source}")]

@@ -325,8 +325,20 @@ async fn blocking<T: Send + 'static>(
 }
 
 /// Starts a session's VM: a clone of the version's template, or a fresh
-/// boot when `spec.snapshot` is false.
+/// boot when `spec.snapshot` is false. A clone whose guest does not answer
+/// its first status request (seen under heavy load: the request never
+/// comes back) is destroyed and started once more.
 pub(crate) async fn start(inner: Arc<Inner>, spec: SandboxSpec) -> Result<Sandbox, DriverError> {
+    match start_once(inner.clone(), spec.clone()).await {
+        Err(DriverError::FirstAnswer) if spec.snapshot => {
+            tracing::warn!(sandbox = %spec.sandbox_id, "clone did not answer; starting it again");
+            start_once(inner, spec).await
+        }
+        other => other,
+    }
+}
+
+async fn start_once(inner: Arc<Inner>, spec: SandboxSpec) -> Result<Sandbox, DriverError> {
     let quiet = |_: &str| {};
     let template = match spec.snapshot {
         true => Some(get_or_build(&inner, &spec, &quiet).await?),
@@ -360,6 +372,11 @@ pub(crate) async fn start(inner: Arc<Inner>, spec: SandboxSpec) -> Result<Sandbo
         };
         let start_time = started.elapsed();
         let client = GuestClient::handshake(stream, inner.cfg.channel.clone()).await?;
+        match tokio::time::timeout(inner.cfg.boot_timeout, client.status()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(DriverError::FirstAnswer),
+        }
         Ok::<_, DriverError>((start_time, client))
     };
     match booted.await {
