@@ -11,6 +11,7 @@ pub mod microvm;
 pub mod probe;
 pub mod process;
 mod registry;
+mod validate;
 
 use std::path::PathBuf;
 use std::time::Duration;

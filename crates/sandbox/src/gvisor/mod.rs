@@ -295,56 +295,12 @@ fn resolve(program: &Path) -> Option<PathBuf> {
         .find(|candidate| candidate.is_file())
 }
 
-fn valid_id(id: &str) -> bool {
-    (1..=64).contains(&id.len())
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-}
-
 fn validate(spec: &SandboxSpec) -> Result<(), DriverError> {
-    if !valid_id(&spec.sandbox_id) {
-        return Err(DriverError::InvalidId(spec.sandbox_id.clone()));
-    }
-    if !spec.app_dir.is_absolute() || !spec.app_dir.is_dir() {
-        return Err(DriverError::InvalidSpec {
-            field: "app_dir",
-            reason: "is not an absolute directory",
-        });
-    }
-    if let Some(venv) = &spec.venv_dir {
-        if !venv.is_absolute() || !venv.is_dir() {
-            return Err(DriverError::InvalidSpec {
-                field: "venv_dir",
-                reason: "is not an absolute directory",
-            });
-        }
-    }
-    if spec.entrypoint.is_empty() {
-        return Err(DriverError::InvalidSpec {
-            field: "entrypoint",
-            reason: "is empty",
-        });
-    }
-    let l = &spec.limits;
-    if !(l.vcpus > 0.0 && l.vcpus.is_finite()) || l.memory_bytes < 4 << 20 || l.pids < 2 {
-        return Err(DriverError::InvalidSpec {
-            field: "limits",
-            reason: "need vcpus > 0, memory >= 4 MiB, pids >= 2",
-        });
-    }
-    Ok(())
+    crate::validate::spec(spec, f64::MAX, 4 << 20)
 }
 
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn ids() {
-        assert!(super::valid_id("abc-123"));
-        assert!(!super::valid_id("Abc"));
-        assert!(!super::valid_id("a/b"));
-    }
-
     #[test]
     fn resolves_absolute_and_path_names() {
         assert!(super::resolve(std::path::Path::new("/nonexistent/runsc")).is_none());

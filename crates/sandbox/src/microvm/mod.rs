@@ -378,49 +378,13 @@ pub async fn probe(cfg: &MicrovmConfig) -> SubstrateReport {
     )
 }
 
-fn valid_id(id: &str) -> bool {
-    (1..=64).contains(&id.len())
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-}
-
+/// Guest limits: at most 64 vcpus, at least 64 MiB of RAM.
 fn validate_version(spec: &SandboxSpec) -> Result<(), DriverError> {
-    if !spec.app_dir.is_absolute() || !spec.app_dir.is_dir() {
-        return Err(DriverError::InvalidSpec {
-            field: "app_dir",
-            reason: "is not an absolute directory",
-        });
-    }
-    if let Some(venv) = &spec.venv_dir {
-        if !venv.is_absolute() || !venv.is_dir() {
-            return Err(DriverError::InvalidSpec {
-                field: "venv_dir",
-                reason: "is not an absolute directory",
-            });
-        }
-    }
-    if spec.entrypoint.is_empty() {
-        return Err(DriverError::InvalidSpec {
-            field: "entrypoint",
-            reason: "is empty",
-        });
-    }
-    let l = &spec.limits;
-    if !(l.vcpus > 0.0 && l.vcpus <= 64.0) || l.memory_bytes < 64 << 20 || l.pids < 2 {
-        return Err(DriverError::InvalidSpec {
-            field: "limits",
-            reason: "need 0 < vcpus <= 64, memory >= 64 MiB, pids >= 2",
-        });
-    }
-    Ok(())
+    crate::validate::version(spec, 64.0, 64 << 20)
 }
 
 fn validate(spec: &SandboxSpec) -> Result<(), DriverError> {
-    if !valid_id(&spec.sandbox_id) {
-        return Err(DriverError::InvalidId(spec.sandbox_id.clone()));
-    }
-    validate_version(spec)
+    crate::validate::spec(spec, 64.0, 64 << 20)
 }
 
 /// QEMU runs as uids of its own: every directory above `path` must let

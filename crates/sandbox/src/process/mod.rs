@@ -144,13 +144,6 @@ impl Driver for ProcessDriver {
     }
 }
 
-fn valid_id(id: &str) -> bool {
-    (1..=64).contains(&id.len())
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-}
-
 /// Overlay options are comma- and colon-separated; such paths cannot be
 /// passed safely, so they are refused.
 fn check_overlay_path(field: &'static str, path: &Path) -> Result<(), DriverError> {
@@ -174,48 +167,6 @@ fn check_overlay_path(field: &'static str, path: &Path) -> Result<(), DriverErro
 }
 
 fn validate(spec: &SandboxSpec) -> Result<(), DriverError> {
-    if !valid_id(&spec.sandbox_id) {
-        return Err(DriverError::InvalidId(spec.sandbox_id.clone()));
-    }
     check_overlay_path("app_dir", &spec.app_dir)?;
-    if !spec.app_dir.is_dir() {
-        return Err(DriverError::InvalidSpec {
-            field: "app_dir",
-            reason: "is not a directory",
-        });
-    }
-    if let Some(venv) = &spec.venv_dir {
-        if !venv.is_absolute() || !venv.is_dir() {
-            return Err(DriverError::InvalidSpec {
-                field: "venv_dir",
-                reason: "is not an absolute directory",
-            });
-        }
-    }
-    if spec.entrypoint.is_empty() {
-        return Err(DriverError::InvalidSpec {
-            field: "entrypoint",
-            reason: "is empty",
-        });
-    }
-    let l = &spec.limits;
-    if !(l.vcpus > 0.0 && l.vcpus.is_finite()) || l.memory_bytes < 4 << 20 || l.pids < 2 {
-        return Err(DriverError::InvalidSpec {
-            field: "limits",
-            reason: "need vcpus > 0, memory >= 4 MiB, pids >= 2",
-        });
-    }
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn ids() {
-        assert!(super::valid_id("abc-123"));
-        assert!(!super::valid_id(""));
-        assert!(!super::valid_id("Abc"));
-        assert!(!super::valid_id("a/b"));
-        assert!(!super::valid_id(&"a".repeat(65)));
-    }
+    crate::validate::spec(spec, f64::MAX, 4 << 20)
 }
