@@ -46,7 +46,7 @@ use crate::{DriverError, Progress};
 
 /// Version of the image layout and of the builder; part of every image's
 /// hash, so changing what goes into an image (or how) means bumping it.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 
 /// Where the guest binary goes in the base image.
 pub const GUEST_PATH: &str = "/sbin/berth-guest";
@@ -725,6 +725,21 @@ pub fn stage_base(guest_binary: &Path, python: &Path, dir: &Path) -> Result<(), 
     plan_base(guest_binary, python)?.stage(dir)
 }
 
+/// Libraries a manylinux wheel may expect from the system (PEP 600's
+/// allow-list, those glibc and GCC ship), copied when the host has them.
+const MANYLINUX_LIBS: &[&str] = &[
+    "libgcc_s.so.1",
+    "libstdc++.so.6",
+    "libm.so.6",
+    "libdl.so.2",
+    "librt.so.1",
+    "libpthread.so.0",
+    "libutil.so.1",
+    "libresolv.so.2",
+    "libcrypt.so.1",
+    "libz.so.1",
+];
+
 /// Host programs copied into the base image (with their libraries) when
 /// the host has them: `/bin/sh` and the coreutils agents most often call.
 pub const BASE_TOOLS: &[&str] = &[
@@ -1067,11 +1082,15 @@ impl Tree {
             .iter()
             .find(|l| l.file_name() == Some(OsStr::new("libc.so.6")))
         {
-            let gcc_s = fs::canonicalize(libc)
-                .map_err(DriverError::io("resolve", libc))?
-                .with_file_name("libgcc_s.so.1");
-            if gcc_s.exists() {
-                self.add_chain(&gcc_s)?;
+            let real = fs::canonicalize(libc).map_err(DriverError::io("resolve", libc))?;
+            // libgcc_s is loaded by glibc at run time; the rest are the
+            // system libraries manylinux wheels may link against (a venv's
+            // compiled extensions are not in the closure computed above).
+            for name in MANYLINUX_LIBS {
+                let lib = real.with_file_name(name);
+                if lib.exists() {
+                    self.add_chain(&lib)?;
+                }
             }
         }
         Ok(())
