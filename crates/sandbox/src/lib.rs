@@ -221,3 +221,21 @@ fn exited_status(code: i32) -> GuestStatus {
         shutting_down: false,
     }
 }
+
+/// Runs blocking work (cgroup files, image builds) off the runtime threads.
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, DriverError> + Send + 'static,
+) -> Result<T, DriverError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|_| DriverError::Spawn(std::io::ErrorKind::Interrupted.into()))?
+}
+
+/// Removes a sandbox's directory tree; one already gone is fine.
+pub(crate) fn remove_tree(dir: &std::path::Path) -> Result<(), DriverError> {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(DriverError::io("remove", dir)(e)),
+    }
+}

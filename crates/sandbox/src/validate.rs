@@ -47,6 +47,22 @@ pub(crate) fn version(
     Ok(())
 }
 
+/// The guest executable exists and is a file (and, when asked, is named
+/// by an absolute path: it is bind-mounted into gVisor sandboxes).
+pub(crate) fn guest_binary(path: &std::path::Path, absolute: bool) -> Result<(), DriverError> {
+    let meta = std::fs::metadata(path).map_err(|source| DriverError::GuestBinary {
+        path: path.to_owned(),
+        source,
+    })?;
+    if !meta.is_file() || (absolute && !path.is_absolute()) {
+        return Err(DriverError::GuestBinary {
+            path: path.to_owned(),
+            source: std::io::ErrorKind::InvalidInput.into(),
+        });
+    }
+    Ok(())
+}
+
 /// The id, then [`version`].
 pub(crate) fn spec(spec: &SandboxSpec, max_vcpus: f64, min_memory: u64) -> Result<(), DriverError> {
     if !valid_id(&spec.sandbox_id) {

@@ -4,9 +4,8 @@
 mod common;
 mod conformance;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use berth_sandbox::process::{CGROUP_ROOT, CONTROLLERS};
 use berth_sandbox::Driver;
 use common::*;
 
@@ -18,17 +17,7 @@ impl conformance::Harness for Gvisor {
     }
 
     fn traces(&self, id: &str) -> Vec<PathBuf> {
-        let mut v: Vec<PathBuf> = CONTROLLERS
-            .iter()
-            .map(|c| {
-                Path::new(CGROUP_ROOT)
-                    .join(c)
-                    .join(&self.0.cfg.cgroup_name)
-                    .join(id)
-            })
-            .collect();
-        v.push(self.0.cfg.state_dir.join(id));
-        v
+        conformance::cgroup_traces(&self.0.cfg.cgroup_name, id, self.0.cfg.state_dir.join(id))
     }
 
     fn t8_starts(&self) -> usize {

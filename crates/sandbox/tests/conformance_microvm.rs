@@ -67,17 +67,11 @@ impl conformance::Harness for Microvm {
     }
 
     fn traces(&self, id: &str) -> Vec<PathBuf> {
-        let mut v: Vec<PathBuf> = CONTROLLERS
-            .iter()
-            .map(|c| {
-                Path::new(CGROUP_ROOT)
-                    .join(c)
-                    .join(&self.cfg.cgroup_name)
-                    .join(id)
-            })
-            .collect();
-        v.push(self.cfg.state_dir.join("vms").join(id));
-        v
+        conformance::cgroup_traces(
+            &self.cfg.cgroup_name,
+            id,
+            self.cfg.state_dir.join("vms").join(id),
+        )
     }
 
     fn t8_starts(&self) -> usize {

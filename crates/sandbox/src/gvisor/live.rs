@@ -3,7 +3,6 @@
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt as _;
-use std::path::Path;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -19,8 +18,8 @@ use super::Inner;
 use crate::process::cgroup::Cgroups;
 use crate::process::spawn::drain;
 use crate::{
-    read_preamble, DriverError, GuestClient, Limits, Sandbox, SandboxControl, SandboxSpec,
-    SandboxUsage,
+    blocking, read_preamble, remove_tree, DriverError, GuestClient, Limits, Sandbox,
+    SandboxControl, SandboxSpec, SandboxUsage,
 };
 
 const KILL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -254,24 +253,8 @@ impl Live {
     /// in the cgroups and is dead, so its state directory is just files.
     fn remove_files(&self) -> Result<(), DriverError> {
         self.cgroups.remove(RMDIR_TIMEOUT)?;
-        remove_dir(&self.layout.dir)
+        remove_tree(&self.layout.dir)
     }
-}
-
-pub(super) fn remove_dir(dir: &Path) -> Result<(), DriverError> {
-    match std::fs::remove_dir_all(dir) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(DriverError::io("remove", dir)(e)),
-    }
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, DriverError> + Send + 'static,
-) -> Result<T, DriverError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|_| DriverError::Spawn(std::io::ErrorKind::Interrupted.into()))?
 }
 
 struct GvisorControl {

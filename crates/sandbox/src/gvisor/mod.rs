@@ -122,17 +122,7 @@ impl GvisorDriver {
     /// Checks the guest binary and runsc, and picks a platform (probed once
     /// per runsc and platform list, then cached for the process).
     pub fn new(cfg: GvisorConfig) -> Result<Self, DriverError> {
-        let meta =
-            std::fs::metadata(&cfg.guest_binary).map_err(|source| DriverError::GuestBinary {
-                path: cfg.guest_binary.clone(),
-                source,
-            })?;
-        if !meta.is_file() || !cfg.guest_binary.is_absolute() {
-            return Err(DriverError::GuestBinary {
-                path: cfg.guest_binary.clone(),
-                source: std::io::ErrorKind::InvalidInput.into(),
-            });
-        }
+        crate::validate::guest_binary(&cfg.guest_binary, true)?;
         if !cfg.state_dir.is_absolute() {
             return Err(DriverError::InvalidSpec {
                 field: "state_dir",

@@ -21,7 +21,10 @@ use super::template::{get_or_build, ignore_shared, images};
 use super::vmm::{self, Launch, Memory, Vmm};
 use super::{Accel, Inner};
 use crate::process::cgroup::Cgroups;
-use crate::{DriverError, GuestClient, Limits, Sandbox, SandboxControl, SandboxSpec, SandboxUsage};
+use crate::{
+    blocking, remove_tree, DriverError, GuestClient, Limits, Sandbox, SandboxControl, SandboxSpec,
+    SandboxUsage,
+};
 
 const KILL_TIMEOUT: Duration = Duration::from_secs(10);
 const RMDIR_TIMEOUT: Duration = Duration::from_secs(5);
@@ -285,11 +288,7 @@ impl Vm {
 
 fn remove(cgroups: &Cgroups, dir: &Path) -> Result<(), DriverError> {
     cgroups.remove(RMDIR_TIMEOUT)?;
-    match std::fs::remove_dir_all(dir) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(DriverError::io("remove", dir)(e)),
-    }
+    remove_tree(dir)
 }
 
 fn stamped(mut hello: VmHello) -> VmHello {
@@ -314,14 +313,6 @@ fn nonce() -> Result<u64, DriverError> {
     let mut a = [0u8; 8];
     a.copy_from_slice(&b);
     Ok(u64::from_ne_bytes(a))
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, DriverError> + Send + 'static,
-) -> Result<T, DriverError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|_| DriverError::Spawn(std::io::ErrorKind::Interrupted.into()))?
 }
 
 /// Starts a session's VM: a clone of the version's template, or a fresh

@@ -161,17 +161,7 @@ pub(crate) struct Inner {
 
 impl MicrovmDriver {
     pub fn new(cfg: MicrovmConfig) -> Result<Self, DriverError> {
-        let meta =
-            std::fs::metadata(&cfg.guest_binary).map_err(|source| DriverError::GuestBinary {
-                path: cfg.guest_binary.clone(),
-                source,
-            })?;
-        if !meta.is_file() {
-            return Err(DriverError::GuestBinary {
-                path: cfg.guest_binary.clone(),
-                source: std::io::ErrorKind::InvalidInput.into(),
-            });
-        }
+        crate::validate::guest_binary(&cfg.guest_binary, false)?;
         if !cfg.kernel.is_file() {
             return Err(DriverError::Unavailable {
                 substrate: "microvm",

@@ -13,7 +13,8 @@ use tokio::sync::watch;
 use super::cgroup::Cgroups;
 use super::{cleanup, spawn, Inner};
 use crate::{
-    read_preamble, DriverError, GuestClient, Sandbox, SandboxControl, SandboxSpec, SandboxUsage,
+    blocking, read_preamble, remove_tree, DriverError, GuestClient, Sandbox, SandboxControl,
+    SandboxSpec, SandboxUsage,
 };
 
 const KILL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -234,11 +235,7 @@ impl Live {
     fn remove_files(&self) -> Result<(), DriverError> {
         self.cgroups.remove(RMDIR_TIMEOUT)?;
         cleanup::unmount_under(&self.state_dir)?;
-        match std::fs::remove_dir_all(&self.state_dir) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(DriverError::io("remove", &self.state_dir)(e)),
-        }
+        remove_tree(&self.state_dir)
     }
 
     /// Frees the uid and the id; only called once no process is left.
@@ -254,14 +251,6 @@ impl Live {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&self.id);
     }
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, DriverError> + Send + 'static,
-) -> Result<T, DriverError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|_| DriverError::Spawn(std::io::ErrorKind::Interrupted.into()))?
 }
 
 struct ProcessControl {

@@ -92,17 +92,7 @@ struct Inner {
 
 impl ProcessDriver {
     pub fn new(cfg: ProcessConfig) -> Result<Self, DriverError> {
-        let meta =
-            std::fs::metadata(&cfg.guest_binary).map_err(|source| DriverError::GuestBinary {
-                path: cfg.guest_binary.clone(),
-                source,
-            })?;
-        if !meta.is_file() {
-            return Err(DriverError::GuestBinary {
-                path: cfg.guest_binary.clone(),
-                source: std::io::ErrorKind::InvalidInput.into(),
-            });
-        }
+        crate::validate::guest_binary(&cfg.guest_binary, false)?;
         check_overlay_path("state_dir", &cfg.state_dir)?;
         std::fs::create_dir_all(&cfg.state_dir)
             .map_err(DriverError::io("create", &cfg.state_dir))?;

@@ -17,6 +17,22 @@ use serde_json::{json, Value};
 
 use crate::common::*;
 
+/// A sandbox's directory in each v1 controller under `parent`, plus the
+/// given state directory: the usual traces of a live sandbox.
+pub fn cgroup_traces(parent: &str, id: &str, state: PathBuf) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = berth_sandbox::process::CONTROLLERS
+        .iter()
+        .map(|c| {
+            std::path::Path::new(berth_sandbox::process::CGROUP_ROOT)
+                .join(c)
+                .join(parent)
+                .join(id)
+        })
+        .collect();
+    v.push(state);
+    v
+}
+
 /// What a substrate's test file supplies.
 pub trait Harness: Send + Sync + 'static {
     fn driver(&self) -> &dyn Driver;
